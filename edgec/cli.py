@@ -1,0 +1,256 @@
+"""The edgec command line: parse, call one library function, render. Errors are mapped to exit
+codes in one place (:func:`_command`); heavy libraries are imported only by the commands that
+need them, so ``edgec --version``, ``targets`` and artifact inspection start fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EdgecError
+
+app = typer.Typer(
+    name="edgec",
+    help="Compile trained multimodal models for edge devices and prove the artifacts still agree.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+devices_app = typer.Typer(help="Device profiles (devices/*.toml).", no_args_is_help=False, invoke_without_command=True)
+app.add_typer(devices_app, name="devices")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"traceback": False}
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _command(*args: Any, target: typer.Typer = app, **kwargs: Any):
+    """Register a command whose :class:`EdgecError` becomes one line on stderr and its exit code."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any):
+            try:
+                return fn(*a, **kw)
+            except EdgecError as exc:
+                if _state["traceback"]:
+                    raise
+                if kw.get("as_json"):
+                    _emit_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
+                err.print(f"error: {exc}", markup=False)
+                raise typer.Exit(exc.exit_code) from None
+
+        return target.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"edgec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+    traceback: Annotated[bool, typer.Option("--traceback", help="Show the full traceback of errors (debugging).")] = False,
+) -> None:
+    _state["traceback"] = traceback
+
+
+@_command("init")
+def init_cmd(
+    directory: Annotated[Path, typer.Argument(help="Project folder (created if missing).")] = Path("."),
+    model: Annotated[Optional[str], typer.Option("--model", help="Path of the trained model, written into [model].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing edgec.toml.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an annotated edgec.toml with every key and its default."""
+    from .init import init_project
+
+    path = init_project(directory, model_path=model, force=force)
+    if as_json:
+        _emit_json({"wrote": str(path)})
+    else:
+        out.print(f"wrote {path}")
+
+
+def _fmt_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _render_model(info: dict) -> None:
+    out.print(f"[bold]{info['name']}[/bold] ({info['kind']}) from {info['source']}", markup=True)
+    table = Table("tower", "params", "MACs", "input", "output")
+    for name, t in info["towers"].items():
+        inp = f"{t['input']['shape']} {t['input']['dtype']}" if t["input"] else "-"
+        table.add_row(name, _fmt_count(t["params"]), _fmt_count(t["macs"]), inp, str(t["output"]["shape"]))
+    out.print(table)
+    pre = info["preprocess"]
+    out.print(f"embedding dim {info['embedding_dim']}, logit scale {info['logit_scale']}"
+              + (f", logit bias {info['logit_bias']:.4f}" if info["logit_bias"] is not None else ""))
+    out.print(f"preprocess: {pre['size'][0]}x{pre['size'][1]} {pre['resize']}, crop {pre['crop']}, "
+              f"mean {[round(v, 4) for v in pre['mean']]}, std {[round(v, 4) for v in pre['std']]}")
+    out.print(f"tokenizer: {info['tokenizer'] or 'none'}, context length {info['context_length']}")
+    for note in info["notes"]:
+        out.print(f"note: {note}", markup=False)
+
+
+def _render_artifact(info: dict) -> None:
+    out.print(f"[bold]{info['path']}[/bold] ({info['format']}, {info['bytes'] / 1e6:.2f} MB, runtime {info['runtime']})")
+    table = Table("", "name", "shape", "dtype", "quantization")
+    for role in ("inputs", "outputs"):
+        for t in info[role]:
+            q = t.get("quantization")
+            table.add_row(role[:-1], t["name"], str(t["shape"]), t["dtype"],
+                          f"scale {q['scale']:.6g} zp {q['zero_point']}" if q else "-")
+    out.print(table)
+    if info.get("ops"):
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
+        out.print(f"ops ({sum(info['ops'].values())}): {ops}", markup=False)
+    for note in info.get("notes", []):
+        out.print(f"note: {note}", markup=False)
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="edgec.toml (default: ./edgec.toml).")]
+
+
+@_command("inspect")
+def inspect_cmd(
+    model: Annotated[Optional[Path], typer.Argument(
+        help="Model folder/checkpoint, or a compiled artifact (.onnx, .tflite). Default: [model] of edgec.toml.")] = None,
+    config: ConfigOpt = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="auto, edgec, hf or open_clip.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="open_clip architecture name or model-config .json.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints (only for trusted files).")] = False,
+    macs: Annotated[bool, typer.Option("--macs/--no-macs", help="Count MACs per tower (one forward pass).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Towers, parameters, MACs, embedding dim, input size and preprocessing of a model or artifact."""
+    from .runtime.inspect import ARTIFACT_SUFFIXES, inspect_artifact
+
+    if model is not None and model.suffix in ARTIFACT_SUFFIXES:
+        info = inspect_artifact(model)
+        render = _render_artifact
+    else:
+        from .models import ModelKind, describe, load_model
+
+        if model is None:
+            from .config import load_config
+
+            cfg = load_config(config)
+            if cfg.model is None:
+                raise EdgecError(f"{config or 'edgec.toml'} has no [model] section", hint="add [model] path = ... or pass MODEL")
+            model, kind = cfg.resolve(cfg.model.path), kind or cfg.model.kind
+            arch, trust_pickle = arch or cfg.model.arch, trust_pickle or cfg.model.trust_pickle
+        kind = kind or "auto"
+        if kind not in ModelKind.__members__:
+            raise EdgecError(f"--kind must be one of {', '.join(ModelKind.__members__)}, not {kind!r}")
+        info = describe(load_model(model, kind, arch=arch, trust_pickle=trust_pickle), macs=macs)
+        render = _render_model
+    if as_json:
+        _emit_json(info)
+    else:
+        render(info)
+
+
+def _registry_rows(kind: str) -> list[dict]:
+    from . import registry
+
+    rows = []
+    for name, entry in registry.entries(kind).items():
+        row = {"name": name, "file": str(entry.path)}
+        row.update(registry.to_row(entry))
+        rows.append(row)
+    return rows
+
+
+@_command("targets")
+def targets_cmd(as_json: JsonOpt = False) -> None:
+    """List the compile targets (targets/*.toml)."""
+    rows = _registry_rows("targets")
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        out.print("no targets registered")
+        return
+    table = Table("target", "backend", "precisions", "runtime", "description")
+    for r in rows:
+        table.add_row(r["name"], r["backend"], ",".join(r["precisions"]), r["runtime"], r["description"])
+    out.print(table)
+
+
+@devices_app.callback()
+def devices_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the device profiles (devices/*.toml); 'devices show NAME' for one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        rows = _registry_rows("devices")
+    except EdgecError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        out.print("no devices registered")
+        return
+    table = Table("device", "target", "accelerator", "int8 TOPS", "memory GB", "description")
+    for r in rows:
+        tops = "-" if r["int8_tops"] is None else f"{r['int8_tops']:g}"
+        table.add_row(r["name"], r["target"], r["accelerator"], tops, f"{r['memory_gb']:g}", r["description"])
+    out.print(table)
+
+
+@_command("show", target=devices_app)
+def devices_show_cmd(name: Annotated[str, typer.Argument(help="Device name.")], as_json: JsonOpt = False) -> None:
+    """Everything known about one device."""
+    from . import registry
+
+    entry = registry.get("devices", name)
+    data = {"name": entry.name, "file": str(entry.path), **registry.to_row(entry)}
+    if as_json:
+        _emit_json(data)
+        return
+    for key, value in data.items():
+        out.print(f"{key}: {value}", markup=False)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
+
+__all__ = ["app", "run", "EXIT_BAD_INPUT"]

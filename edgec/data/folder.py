@@ -1,0 +1,134 @@
+"""Image folders as users bring them (torch-free).
+
+A folder is read in one of three ways, in this order:
+
+* ``captions.jsonl`` beside the images: one JSON object per line with ``image`` (a path
+  relative to the folder), optional ``label``, and ``caption`` or ``captions``;
+* class sub-folders (``root/<label>/*.png``): the folder name is the label, ``_`` read as space;
+* images directly in the folder: unlabelled.
+
+Paths in a captions file may not leave the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .preprocess import IMAGE_SUFFIXES, Preprocess, load_image
+
+CAPTIONS_FILE = "captions.jsonl"
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: str | None = None
+    captions: tuple[str, ...] = ()
+
+
+@dataclass
+class ImageFolder:
+    root: Path
+    items: list[Item]
+    labels: list[str] = field(default_factory=list)  # sorted class names, empty when unlabelled
+
+    @property
+    def has_captions(self) -> bool:
+        return any(it.captions for it in self.items)
+
+    def label_ids(self) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.labels)}
+        return np.array([index.get(it.label, -1) if it.label is not None else -1 for it in self.items], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _inside(root: Path, rel: str, where: str) -> Path:
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InputError(f"{where}: path {rel!r} points outside the folder {root}", hint="use paths relative to the folder")
+    return path
+
+
+def _read_captions(root: Path, file: Path) -> list[Item]:
+    items: list[Item] = []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{file}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not valid JSON ({exc.msg})", hint="one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                raise InputError(f"{where}: each line needs an 'image' path (string)", hint='e.g. {"image": "a.png", "caption": "..."}')
+            caps = row.get("captions", row.get("caption", []))
+            if isinstance(caps, str):
+                caps = [caps]
+            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise InputError(f"{where}: 'captions' must be a string or a list of strings")
+            label = row.get("label")
+            if label is not None and not isinstance(label, str):
+                raise InputError(f"{where}: 'label' must be a string")
+            items.append(Item(_inside(root, row["image"], where), label, tuple(caps)))
+    return items
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def read_folder(root: str | Path, captions_file: str = CAPTIONS_FILE) -> ImageFolder:
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"image folder not found: {root}", hint="check the path in edgec.toml [data] or on the command line")
+    if not root.is_dir():
+        raise InputError(f"not a folder: {root}", hint="give a folder of images")
+    cap = root / captions_file
+    if cap.is_file():
+        items = _read_captions(root, cap)
+    else:
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        items = [Item(p, d.name.replace("_", " ")) for d in subdirs for p in sorted(d.iterdir()) if _is_image(p)]
+        items += [Item(p) for p in sorted(root.iterdir()) if _is_image(p)]
+    if not items:
+        raise InputError(f"no images in {root}", hint=f"put images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in it, or class sub-folders")
+    labels = sorted({it.label for it in items if it.label is not None})
+    return ImageFolder(root, items, labels)
+
+
+@dataclass
+class LoadedImages:
+    pixels: np.ndarray  # float32, preprocessed
+    kept: list[int]  # indices into the folder's items
+    bad: list[tuple[Path, str]]  # undecodable files and why
+
+
+def load_pixels(folder: ImageFolder, preprocess: Preprocess, *, indices: list[int] | None = None,
+                max_bad_fraction: float = 0.05) -> LoadedImages:
+    """Decode and preprocess images; skip undecodable ones, fail when too many are bad."""
+    indices = list(range(len(folder))) if indices is None else indices
+    arrays, kept, bad = [], [], []
+    for i in indices:
+        try:
+            arrays.append(preprocess(load_image(folder.items[i].path)))
+            kept.append(i)
+        except InputError as exc:
+            bad.append((folder.items[i].path, exc.message))
+    if indices and len(bad) > max_bad_fraction * len(indices):
+        first = bad[0][1]
+        raise InputError(
+            f"{len(bad)} of {len(indices)} images in {folder.root} could not be decoded (first: {first})",
+            hint=f"fix or remove them; up to {max_bad_fraction:.0%} are skipped",
+        )
+    if not arrays:
+        raise InputError(f"no decodable images in {folder.root}")
+    return LoadedImages(np.stack(arrays), kept, bad)

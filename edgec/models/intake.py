@@ -1,0 +1,87 @@
+"""Model intake: one entry point that recognises and loads every supported model kind."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from ..errors import InputError
+from .base import MultimodalModel, count_macs
+
+
+class ModelKind(str, enum.Enum):
+    auto = "auto"
+    edgec = "edgec"
+    hf = "hf"
+    open_clip = "open_clip"
+
+
+def detect_kind(path: Path, arch: str | None = None) -> ModelKind:
+    from . import edgec_format, hf, openclip
+
+    if not path.exists():
+        raise InputError(f"model not found: {path}", hint="give an edgec checkpoint folder, a Hugging Face folder, "
+                                                           "or an open_clip checkpoint file with --arch")
+    if edgec_format.is_edgec_checkpoint(path):
+        return ModelKind.edgec
+    if hf.is_hf_folder(path):
+        return ModelKind.hf
+    if path.is_file() and path.suffix in openclip.CHECKPOINT_SUFFIXES:
+        if not arch:
+            raise InputError(f"{path} is a bare checkpoint: edgec cannot tell its architecture",
+                             hint="pass --arch with the open_clip architecture name (e.g. ViT-B-32) or a model-config .json")
+        return ModelKind.open_clip
+    if path.is_dir():
+        raise InputError(f"{path} is neither an edgec checkpoint ({edgec_format.CONFIG_FILE}) nor a Hugging Face folder (config.json)",
+                         hint="point at the folder that holds the model's config")
+    raise InputError(f"{path}: not a recognised model file (expected one of {', '.join(openclip.CHECKPOINT_SUFFIXES)})")
+
+
+def load_model(path: str | Path, kind: ModelKind | str = ModelKind.auto, *, arch: str | None = None,
+               trust_pickle: bool = False) -> MultimodalModel:
+    """Load a trained multimodal model, its kind detected from ``path`` unless given."""
+    from . import edgec_format, hf, openclip
+
+    path = Path(path)
+    kind = ModelKind(kind)
+    if kind is ModelKind.auto:
+        kind = detect_kind(path, arch)
+    elif not path.exists():
+        raise InputError(f"model not found: {path}", hint="check the path")
+    if kind is ModelKind.edgec:
+        model = edgec_format.load(path)
+    elif kind is ModelKind.hf:
+        model = hf.load(path)
+    else:
+        if not arch:
+            raise InputError("an open_clip model needs --arch (architecture name or model-config .json)")
+        model = openclip.load(path, arch, trust_pickle=trust_pickle)
+    return model.eval()
+
+
+def describe(model: MultimodalModel, *, macs: bool = True) -> dict:
+    """What ``edgec inspect`` shows of a model: towers, sizes, preprocessing."""
+    params = model.params()
+    examples = model.example_inputs(1)
+    towers = {}
+    for name, tower in model.towers().items():
+        x = examples.get(name)
+        towers[name] = {
+            "params": params[name],
+            "macs": count_macs(tower, x) if macs and x is not None else None,
+            "input": {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} if x is not None else None,
+            "output": {"shape": [1, model.embed_dim], "dtype": "float32"},
+        }
+    return {
+        "name": model.name,
+        "kind": model.kind,
+        "source": str(model.source),
+        "embedding_dim": model.embed_dim,
+        "towers": towers,
+        "preprocess": model.preprocess.to_json(),
+        "context_length": model.context_length,
+        "tokenizer": type(model.tokenizer).__name__ if model.tokenizer is not None else None,
+        "logit_scale": round(model.logit_scale, 4),
+        "logit_bias": model.logit_bias,
+        "notes": model.notes,
+    }

@@ -1,0 +1,142 @@
+"""Targets and devices: TOML files registered by name, listable without any compiler installed.
+
+``targets/<name>.toml`` describes how to build for a target (backend, precisions, layout,
+constraints, verification runtime); ``devices/<name>.toml`` describes a real device with its
+published figures and the target it takes. The file name is the registered name.
+
+Search path: the folders in ``$EDGEC_TARGETS_PATH`` / ``$EDGEC_DEVICES_PATH`` (os.pathsep
+separated) first, then the ones shipped with edgec. A name found earlier shadows a later one.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from .errors import ConfigError, UnknownNameError, did_you_mean
+from .schema import doc, from_dict
+from .verify.gates import parse_gate
+
+BACKENDS = ("onnx", "litert", "executorch")
+RUNTIMES = ("onnxruntime", "tensorrt", "litert", "executorch")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Constraints:
+    fully_integer: bool = doc(False, help="no float op may remain (Edge TPU)")
+    static_shapes: bool = doc(True, help="all tensor shapes fixed at compile time")
+    max_tensor_rank: int | None = doc(None, help="tensors of higher rank must have all but the 3 innermost dims = 1")
+    supported_ops: list[str] | None = doc(None, help="ops the accelerator runs; others fall back to the CPU")
+    max_memory_mb: float | None = doc(None, help="largest artifact + activations the target can hold")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    description: str = doc(help="one line for 'edgec targets'")
+    backend: Literal["onnx", "litert", "executorch"] = doc(help="compiler module in edgec/backends/")
+    runtime: Literal["onnxruntime", "tensorrt", "litert", "executorch"] = doc(help="runtime used to verify the artifact")
+    precisions: list[Literal["fp32", "fp16", "int8"]] = doc(help="candidate precisions, preferred first", factory=lambda: ["int8"])
+    quantizer: str | None = doc(None, help="quantizer of the backend, e.g. 'qdq-symmetric', 'ai-edge-quantizer', 'xnnpack'")
+    layout: Literal["NCHW", "NHWC"] = doc("NCHW", help="image input layout")
+    requires: list[str] = doc(help="Python modules needed to build", factory=list)
+    constraints: Constraints = doc(help="what the target's hardware accepts", factory=Constraints)
+    gates: list[str] = doc(help="default verification gates", factory=lambda: ["agreement>=0.97"])
+    version: int = doc(1, help="schema version")
+
+    def __post_init__(self) -> None:
+        if not self.precisions:
+            raise ValueError("precisions must name at least one of " + ", ".join(PRECISIONS))
+        for expr in self.gates:
+            parse_gate(expr)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    description: str = doc(help="one line for 'edgec devices'")
+    vendor: str = doc(help="maker")
+    target: str = doc(help="the target it takes (targets/*.toml)")
+    accelerator: str = doc(help="what runs the model: GPU, TPU, NPU, CPU")
+    memory_gb: float = doc(help="device memory")
+    int8_tops: float | None = doc(None, help="published peak int8 TOPS")
+    memory_bandwidth_gbs: float | None = doc(None, help="published memory bandwidth, GB/s")
+    cpu: str | None = doc(None, help="CPU cores")
+    runtimes: dict[str, str] = doc(help="runtime versions shipped for it, e.g. { tensorrt = \"10.3\" }", factory=dict)
+    source: str = doc("", help="where the figures come from")
+    version: int = doc(1, help="schema version")
+
+    def __post_init__(self) -> None:
+        if self.memory_gb <= 0 or (self.int8_tops is not None and self.int8_tops <= 0):
+            raise ValueError("memory_gb and int8_tops must be positive")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    path: Path
+    spec: TargetSpec | DeviceSpec
+
+
+def builtin_dir(kind: str) -> Path:
+    """Where edgec's own ``targets``/``devices`` files are: in the wheel, else the source tree."""
+    packaged = _PACKAGE / "_builtin" / kind
+    return packaged if packaged.is_dir() else _PACKAGE.parent / kind
+
+
+def search_path(kind: str) -> list[Path]:
+    extra = os.environ.get(f"EDGEC_{kind.upper()}_PATH", "")
+    return [Path(p) for p in extra.split(os.pathsep) if p] + [builtin_dir(kind)]
+
+
+S = TypeVar("S", TargetSpec, DeviceSpec)
+
+
+def _load_file(path: Path, cls: type[S]) -> S:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return from_dict(cls, data, source=str(path))
+
+
+@lru_cache(maxsize=None)
+def _scan(kind: str, dirs: tuple[Path, ...]) -> dict[str, Entry]:
+    cls = TargetSpec if kind == "targets" else DeviceSpec
+    found: dict[str, Entry] = {}
+    for folder in dirs:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.toml")):
+            if path.stem not in found:
+                found[path.stem] = Entry(path.stem, path, _load_file(path, cls))
+    return found
+
+
+def entries(kind: Literal["targets", "devices"]) -> dict[str, Entry]:
+    """Every registered target or device, validated; a bad file is a ConfigError naming it."""
+    return dict(_scan(kind, tuple(search_path(kind))))
+
+
+def get(kind: Literal["targets", "devices"], name: str) -> Entry:
+    known = entries(kind)
+    if name not in known:
+        what = kind[:-1]
+        raise UnknownNameError(f"unknown {what} {name!r}", hint=f"{did_you_mean(name, known)}; 'edgec {kind}' lists them")
+    return known[name]
+
+
+def clear_cache() -> None:
+    _scan.cache_clear()
+
+
+def to_row(entry: Entry) -> dict:
+    """The spec as plain data, for listings and JSON."""
+    from .schema import to_dict
+
+    return to_dict(entry.spec)

@@ -1,0 +1,34 @@
+"""Agreement metrics between embeddings (numpy only: runs on the device)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) arrays."""
+    if a.shape != b.shape:
+        raise ValueError(f"embedding shapes differ: {a.shape} vs {b.shape}")
+    return np.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+
+
+def zero_shot_predictions(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Index of the best-matching class prompt for each image."""
+    return np.argmax(l2_normalize(image_emb) @ l2_normalize(text_emb).T, axis=-1)
+
+
+def top1_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Share of ``pred == labels`` over the labelled rows (label >= 0)."""
+    mask = labels >= 0
+    if not mask.any():
+        return float("nan")
+    return float(np.mean(pred[mask] == labels[mask]))
+
+
+def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    return float(np.mean(pred_a == pred_b))

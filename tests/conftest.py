@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny random-weight models of every kind edgec reads, built once per session."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "shapes-clip"
+
+
+@pytest.fixture(scope="session")
+def torch():
+    import torch
+
+    torch.manual_seed(0)
+    return torch
+
+
+def _tiny_edgec(folder: Path, torch) -> Path:
+    from edgec.data.preprocess import Preprocess
+    from edgec.models import edgec_format
+    from edgec.models.edgec_clip import ClipSpec, EdgecClip, TextSpec, VisionSpec
+    from edgec.models.tokenizers import WordTokenizer
+
+    torch.manual_seed(1)
+    tok = WordTokenizer.build(["a photo of a red circle", "a blue square"], context_length=8)
+    spec = ClipSpec(
+        embed_dim=16,
+        vision=VisionSpec(image_size=32, patch_size=8, width=32, layers=2, heads=2, stem="conv"),
+        text=TextSpec(vocab_size=len(tok.vocab), context_length=8, width=32, layers=1, heads=2, eot_id=tok.eot_id),
+    )
+    model = EdgecClip(spec).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    edgec_format.save(model, folder, preprocess=Preprocess(size=(32, 32)), tokenizer=tok, extra={"name": "tiny-edgec"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_edgec(tmp_path_factory, torch) -> Path:
+    return _tiny_edgec(tmp_path_factory.mktemp("edgec") / "tiny", torch)
+
+
+def _clip_tokenizer_files(folder: Path) -> None:
+    """A tiny but real CLIP BPE tokenizer: single characters only, no merges."""
+    chars = list(string.ascii_lowercase + string.digits + ".,")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory, torch) -> Path:
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "clip"
+    folder.mkdir()
+    _clip_tokenizer_files(folder)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(2)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 16,
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=24,
+    )
+    CLIPModel(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_siglip(tmp_path_factory, torch) -> Path:
+    from transformers import SiglipConfig, SiglipModel
+
+    folder = tmp_path_factory.mktemp("hf") / "siglip"
+    torch.manual_seed(3)
+    config = SiglipConfig(
+        text_config={"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 12},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+    )
+    SiglipModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory, torch) -> tuple[Path, Path]:
+    """(checkpoint.pt, model-config.json) for a tiny open_clip CLIP."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip")
+    arch = folder / "edgec-tiny-clip.json"
+    arch.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(arch)
+    torch.manual_seed(4)
+    model = open_clip.create_model("edgec-tiny-clip", pretrained=None).eval()
+    ckpt = folder / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    return ckpt, arch

@@ -1,0 +1,239 @@
+"""Model intake: every kind loads through the CLI and matches its source model's own forward."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+runner = CliRunner()
+
+
+def inspect_json(*args: str) -> dict:
+    result = runner.invoke(app, ["inspect", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _features(out):
+    """transformers 5 returns an output object from get_*_features; older ones a tensor."""
+    return out if hasattr(out, "shape") else out.pooler_output
+
+
+def test_edgec_checkpoint_matches_its_own_forward(tiny_edgec, torch):
+    from edgec.models import load_model
+    from edgec.models.edgec_clip import ClipSpec, EdgecClip
+    from safetensors.torch import load_file
+
+    info = inspect_json(str(tiny_edgec))
+    assert info["kind"] == "edgec" and info["embedding_dim"] == 16
+    assert info["towers"]["image"]["input"]["shape"] == [1, 3, 32, 32]
+    assert info["towers"]["text"]["input"]["shape"] == [1, 8]
+
+    cfg = json.loads((tiny_edgec / "edgec_model.json").read_text())
+    source = EdgecClip(ClipSpec.from_json(cfg["architecture"]))
+    source.load_state_dict(load_file(str(tiny_edgec / "model.safetensors")))
+    source.eval()
+    n_image = sum(p.numel() for p in source.visual.parameters())
+    assert info["towers"]["image"]["params"] == n_image
+
+    model = load_model(tiny_edgec)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref_img, ref_txt = source(x, torch.as_tensor(model.tokenize(["a red circle", "a blue square"])))
+    np.testing.assert_allclose(model.encode_image(x).numpy(), ref_img.numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(["a red circle", "a blue square"]).numpy(), ref_txt.numpy(), atol=1e-5)
+
+
+def test_hf_clip_folder_matches_transformers(tiny_hf_clip, torch):
+    from transformers import CLIPModel
+
+    from edgec.models import load_model
+
+    info = inspect_json(str(tiny_hf_clip))
+    assert info["kind"] == "hf-clip" and info["embedding_dim"] == 24
+    assert info["tokenizer"] == "HFTokenizer" and info["context_length"] == 16
+
+    ref = CLIPModel.from_pretrained(tiny_hf_clip).eval()
+    model = load_model(tiny_hf_clip)
+    x = torch.randn(2, 3, 32, 32)
+    ids = model.tokenize(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        img = _features(ref.get_image_features(pixel_values=x))
+        txt = _features(ref.get_text_features(input_ids=ids))
+    np.testing.assert_allclose(model.encode_image(x).numpy(), torch.nn.functional.normalize(img, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(ids).numpy(), torch.nn.functional.normalize(txt, dim=-1).numpy(), atol=1e-5)
+    assert info["towers"]["image"]["params"] == sum(p.numel() for p in ref.vision_model.parameters()) + \
+        sum(p.numel() for p in ref.visual_projection.parameters())
+
+
+def test_hf_siglip_folder_matches_transformers(tiny_hf_siglip, torch):
+    from transformers import SiglipModel
+
+    from edgec.models import load_model
+
+    info = inspect_json(str(tiny_hf_siglip))
+    assert info["kind"] == "hf-siglip" and info["logit_bias"] is not None
+    assert info["preprocess"]["mean"] == [0.5, 0.5, 0.5] and info["preprocess"]["crop"] == "none"
+    assert any("no tokenizer" in n for n in info["notes"])
+
+    ref = SiglipModel.from_pretrained(tiny_hf_siglip).eval()
+    model = load_model(tiny_hf_siglip)
+    x = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        img = _features(ref.get_image_features(pixel_values=x))
+        txt = _features(ref.get_text_features(input_ids=ids))
+    np.testing.assert_allclose(model.encode_image(x).numpy(), torch.nn.functional.normalize(img, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(ids).numpy(), torch.nn.functional.normalize(txt, dim=-1).numpy(), atol=1e-5)
+
+
+def test_open_clip_checkpoint_matches_open_clip(tiny_open_clip, torch):
+    import open_clip
+
+    from edgec.models import load_model
+
+    ckpt, arch = tiny_open_clip
+    info = inspect_json(str(ckpt), "--arch", str(arch))
+    assert info["kind"] == "open_clip" and info["embedding_dim"] == 24
+    assert info["tokenizer"] == "OpenClipTokenizer"
+
+    ref = open_clip.create_model("edgec-tiny-clip", pretrained=None).eval()
+    ref.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    model = load_model(ckpt, arch=str(arch))
+    x = torch.randn(2, 3, 32, 32)
+    texts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        img = ref.encode_image(x, normalize=True)
+        txt = ref.encode_text(open_clip.get_tokenizer("edgec-tiny-clip")(texts, context_length=16), normalize=True)
+    np.testing.assert_allclose(model.encode_image(x).numpy(), img.numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(texts).numpy(), txt.numpy(), atol=1e-5)
+    assert info["towers"]["image"]["params"] == sum(p.numel() for p in ref.visual.parameters())
+    total = sum(p.numel() for p in ref.parameters())
+    assert info["towers"]["image"]["params"] + info["towers"]["text"]["params"] == total - 1  # minus logit_scale
+
+
+def test_macs_are_counted_per_forward(torch):
+    from edgec.models.base import count_macs
+
+    assert count_macs(torch.nn.Linear(10, 20), torch.zeros(1, 10)) == 200
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert count_macs(conv, torch.zeros(1, 3, 16, 16)) == 8 * 3 * 9 * 16 * 16
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+
+def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "nope")]), "model not found")
+
+
+def test_truncated_edgec_weights_are_refused(tiny_edgec, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_edgec, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert_one_line_error(runner.invoke(app, ["inspect", str(bad)]), "sha256", "truncated")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_corrupt_edgec_weights_without_hash_are_refused(tiny_edgec, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_edgec, bad)
+    cfg = json.loads((bad / "edgec_model.json").read_text())
+    del cfg["weights_sha256"]
+    (bad / "edgec_model.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert_one_line_error(runner.invoke(app, ["inspect", str(bad)]), "cannot read")
+
+
+def test_corrupt_edgec_config_is_refused(tiny_edgec, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_edgec, bad)
+    (bad / "edgec_model.json").write_text("{not json")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(bad)]), "not valid JSON")
+
+
+def test_hf_folder_without_weights(tiny_hf_clip, tmp_path):
+    bad = tmp_path / "hf"
+    bad.mkdir()
+    shutil.copy(tiny_hf_clip / "config.json", bad / "config.json")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(bad)]), "no weights", "save_pretrained")
+
+
+def test_hf_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path)]), "'bert'")
+
+
+def test_unknown_open_clip_arch(tiny_open_clip):
+    ckpt, _ = tiny_open_clip
+    assert_one_line_error(runner.invoke(app, ["inspect", str(ckpt), "--arch", "ViT-B-23"]),
+                          "unknown open_clip architecture", "ViT-B-32")
+
+
+def test_bare_checkpoint_needs_arch(tiny_open_clip):
+    ckpt, _ = tiny_open_clip
+    assert_one_line_error(runner.invoke(app, ["inspect", str(ckpt)]), "--arch")
+
+
+def test_open_clip_checkpoint_of_other_arch(tiny_open_clip, tmp_path, torch):
+    ckpt, arch = tiny_open_clip
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    state.pop("text_projection")
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    assert_one_line_error(runner.invoke(app, ["inspect", str(other), "--arch", str(arch)]), "does not match")
+
+
+class Payload:
+    """Any non-tensor object makes a checkpoint need the full unpickler."""
+
+
+def test_pickled_checkpoint_needs_trust(tiny_open_clip, tmp_path, torch):
+    ckpt, arch = tiny_open_clip
+    state = torch.load(ckpt, weights_only=True)
+    state["extra"] = Payload()
+    risky = tmp_path / "risky.pt"
+    with open(risky, "wb") as f:
+        torch.save(state, f, pickle_module=pickle)
+    assert_one_line_error(runner.invoke(app, ["inspect", str(risky), "--arch", str(arch)]), "--trust-pickle")
+    result = runner.invoke(app, ["inspect", str(risky), "--arch", str(arch), "--trust-pickle", "--no-macs", "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def test_truncated_torch_checkpoint(tiny_open_clip, tmp_path):
+    ckpt, arch = tiny_open_clip
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(ckpt.read_bytes()[:1000])
+    assert_one_line_error(runner.invoke(app, ["inspect", str(bad), "--arch", str(arch)]), "cannot read checkpoint")
+
+
+def test_no_torch_load_without_weights_only():
+    """Guard: every torch.load in edgec passes weights_only (True unless the user opted in)."""
+    import re
+
+    import edgec
+
+    root = __import__("pathlib").Path(edgec.__file__).parent
+    for path in root.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if re.search(r"torch\.load\(", line):
+                assert "weights_only=" in line, f"{path}: {line.strip()}"

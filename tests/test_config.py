@@ -1,0 +1,119 @@
+"""edgec.toml: init writes a file that loads; errors name file, key and expected type."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+
+import pytest
+from typer.testing import CliRunner
+
+from edgec import config as cfg
+from edgec.cli import app
+from edgec.errors import ConfigError
+from edgec.schema import from_dict, to_dict
+
+runner = CliRunner()
+
+SECTIONS = [cfg.ModelSection, cfg.StudentSection, cfg.DataSection, cfg.LossWeights, cfg.DistillSection,
+            cfg.CalibrationSection, cfg.QuantizeSection, cfg.TargetsSection]
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "edgec.toml"
+    path.write_text(text)
+    return path
+
+
+def test_init_writes_an_annotated_file_that_loads(tmp_path):
+    result = runner.invoke(app, ["init", str(tmp_path / "proj"), "--model", "teacher"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "proj" / "edgec.toml"
+    assert f"wrote {path}" in result.stdout
+    text = path.read_text()
+    assert "# timm model name of the on-device image encoder" in text
+    loaded = cfg.load_config(path)
+    assert loaded.model.path == "teacher"
+    assert loaded.resolve(loaded.model.path) == (tmp_path / "proj" / "teacher").resolve()
+    assert loaded.to_dict() == dataclasses.replace(cfg.EdgecConfig(), model=cfg.ModelSection(path="teacher")).to_dict()
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    assert runner.invoke(app, ["init", str(tmp_path)]).exit_code == 0
+    result = runner.invoke(app, ["init", str(tmp_path)])
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert runner.invoke(app, ["init", str(tmp_path), "--force"]).exit_code == 0
+
+
+def test_every_config_round_trips_through_json():
+    full = cfg.EdgecConfig(model=cfg.ModelSection(path="m", kind="open_clip", arch="ViT-B-32"),
+                           student=cfg.StudentSection(name="mobilevit_xs", image_size=96, targets={"edgetpu": "x"}),
+                           gates={"default": ["agreement>=0.9"], "edgetpu": ["cosine_mean>=0.95"]})
+    data = json.loads(json.dumps(full.to_dict()))
+    assert cfg.config_from_dict(data).to_dict() == full.to_dict()
+    for section in SECTIONS:
+        required = {f.name: "x" for f in dataclasses.fields(section)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        obj = section(**required)
+        assert from_dict(section, json.loads(json.dumps(to_dict(obj))), source="t") == obj
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("[distill]\nepochs = 'ten'\n", ["distill.epochs", "expected integer", "string 'ten'"]),
+        ("[distill]\nepoch = 3\n", ["distill.epoch", "unknown key", "did you mean 'epochs'"]),
+        ("[distil]\nepochs = 3\n", ["unknown key 'distil'", "did you mean 'distill'"]),
+        ("[distill.losses]\nfeature_cosine = true\n", ["distill.losses.feature_cosine", "expected number", "boolean"]),
+        ("[data]\nprompts = 'a photo of {}'\n", ["data.prompts", "expected list of string"]),
+        ("[data]\nprompts = ['a photo']\n", ["data", "{}"]),
+        ("[quantize]\nmethod = 'kl'\n", ["quantize.method", "one of 'minmax', 'percentile', 'entropy'"]),
+        ("[model]\nkind = 'hf'\n", ["model.path", "missing required key"]),
+        ("[gates]\ndefault = ['agrement>=0.9']\n", ["unknown metric 'agrement'", "did you mean 'agreement'"]),
+        ("[gates]\ncpu = ['agreement => 0.9']\n", ["not of the form"]),
+        ("[student]\nimage_size = 4\n", ["student", "between 16 and 1024"]),
+        ("version = 99\n", ["newer than this edgec"]),
+        ("[distill\n", ["not valid TOML"]),
+    ],
+)
+def test_config_errors_name_file_key_and_type(tmp_path, text, needles):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        cfg.load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_config_error_through_the_cli_is_one_line_exit_2(tmp_path):
+    path = write(tmp_path, "[model]\npath = 3\n")
+    result = runner.invoke(app, ["inspect", "--config", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {path}: model.path: expected string, got integer 3"
+
+
+def test_inspect_reads_the_model_from_the_config(tmp_path, tiny_edgec):
+    write(tmp_path, f"[model]\npath = {json.dumps(str(tiny_edgec))}\n")
+    result = runner.invoke(app, ["inspect", "--config", str(tmp_path / "edgec.toml"), "--no-macs", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == "tiny-edgec"
+
+
+def test_missing_config_file(tmp_path):
+    result = runner.invoke(app, ["inspect", "--config", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2 and "edgec init" in result.stderr
+
+
+def test_gates_per_target_fall_back_to_default():
+    c = cfg.config_from_dict({"gates": {"default": ["agreement>=0.97"], "edgetpu": ["agreement>=0.9"]}})
+    assert c.gates_for("edgetpu") == ["agreement>=0.9"]
+    assert c.gates_for("cpu") == ["agreement>=0.97"]
+
+
+def test_generated_file_is_plain_toml():
+    from edgec.init import render
+
+    data = tomllib.loads(render("m"))
+    assert data["model"]["path"] == "m" and data["distill"]["losses"]["feature_cosine"] == 1.0
