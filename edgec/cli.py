@@ -223,7 +223,7 @@ def devices_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     table = Table("device", "target", "accelerator", "int8 TOPS", "memory GB", "description")
     for r in rows:
         tops = "-" if r["int8_tops"] is None else f"{r['int8_tops']:g}"
-        table.add_row(r["name"], r["target"], r["accelerator"], tops, f"{r['memory_gb']:g}", r["description"])
+        table.add_row(r["name"], r["target"], r["accelerator"], tops, "-" if r["memory_gb"] is None else f"{r['memory_gb']:g}", r["description"])
     out.print(table)
 
 

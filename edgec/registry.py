@@ -63,7 +63,8 @@ class DeviceSpec:
     vendor: str = doc(help="maker")
     target: str = doc(help="the target it takes (targets/*.toml)")
     accelerator: str = doc(help="what runs the model: GPU, TPU, NPU, CPU")
-    memory_gb: float = doc(help="device memory")
+    memory_gb: float | None = doc(None, help="device memory (none for an accelerator that uses its host's)")
+    accelerator_memory_mb: float | None = doc(None, help="on-chip memory for parameters (Edge TPU: 8 MB SRAM)")
     int8_tops: float | None = doc(None, help="published peak int8 TOPS")
     memory_bandwidth_gbs: float | None = doc(None, help="published memory bandwidth, GB/s")
     cpu: str | None = doc(None, help="CPU cores")
@@ -72,8 +73,10 @@ class DeviceSpec:
     version: int = doc(1, help="schema version")
 
     def __post_init__(self) -> None:
-        if self.memory_gb <= 0 or (self.int8_tops is not None and self.int8_tops <= 0):
-            raise ValueError("memory_gb and int8_tops must be positive")
+        for name in ("memory_gb", "int8_tops", "accelerator_memory_mb", "memory_bandwidth_gbs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
