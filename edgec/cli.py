@@ -177,6 +177,37 @@ def inspect_cmd(
         render(info)
 
 
+@_command("distill")
+def distill_cmd(
+    config: ConfigOpt = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="timm model name (default: [student] name).")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="Use the student configured for this target.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override [distill] epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Override [distill] batch_size.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Override [distill] lr.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/distill/<student>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last finished epoch in the output folder.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Distil the teacher's image tower into a timm student in the teacher's embedding space."""
+    from .config import load_config
+    from .distill import DistillConfig, run
+
+    cfg = DistillConfig.from_edgec(load_config(config), target=target, student=student, out=out_dir,
+                                   epochs=epochs, batch_size=batch_size, lr=lr)
+    log = (lambda *a, **k: None) if as_json else (lambda text: out.print(text, markup=False))
+    result = run(cfg, resume=resume, progress=progress and not as_json, log=log)
+    if as_json:
+        _emit_json(result.manifest)
+        return
+    m = result.manifest["metrics"]
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("agreement", "accuracy", "teacher_accuracy", "cosine_mean") if k in m)
+    out.print(f"best epoch {m.get('epoch')}: {shown}", markup=False)
+    out.print(f"wrote {result.student} ({result.manifest['student']['params'] / 1e6:.2f}M params), "
+              f"{result.out / 'metrics.csv'}, {result.out / 'learning_curve.png'}, {result.out / 'manifest.json'}", markup=False)
+
+
 def _registry_rows(kind: str) -> list[dict]:
     from . import registry
 

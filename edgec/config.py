@@ -81,6 +81,8 @@ class DistillSection:
     patience: int | None = doc(None, help="stop after this many epochs without eval improvement")
     seed: int = doc(0, help="seed for weights, sampling and augmentation")
     device: str = doc("auto", help="auto, cpu, cuda or cuda:N")
+    augment: Literal["none", "light", "standard"] = doc(
+        "none", help="student-side augmentation: light = random resized crop, standard = + horizontal flip")
     losses: LossWeights = doc(help="loss weights", factory=LossWeights)
 
     def __post_init__(self) -> None:

@@ -44,3 +44,17 @@ def test_hashes_and_records(tmp_path):
     before = sha256_tree(tmp_path)
     (tmp_path / "d" / "other").write_text("x")
     assert sha256_tree(tmp_path) != before
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with staged_dir(tmp_path / "out") as tmp:
+            atomic_write_json(tmp / "m.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "m.json").stat().st_mode) == 0o644

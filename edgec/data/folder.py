@@ -107,19 +107,19 @@ def read_folder(root: str | Path, captions_file: str = CAPTIONS_FILE) -> ImageFo
 
 @dataclass
 class LoadedImages:
-    pixels: np.ndarray  # float32, preprocessed
+    pixels: np.ndarray  # float32 preprocessed, or uint8 resized RGB (NHWC) from load_rgb
     kept: list[int]  # indices into the folder's items
     bad: list[tuple[Path, str]]  # undecodable files and why
 
 
-def load_pixels(folder: ImageFolder, preprocess: Preprocess, *, indices: list[int] | None = None,
-                max_bad_fraction: float = 0.05) -> LoadedImages:
-    """Decode and preprocess images; skip undecodable ones, fail when too many are bad."""
+def load_rgb(folder: ImageFolder, preprocess: Preprocess, *, indices: list[int] | None = None,
+             max_bad_fraction: float = 0.05) -> LoadedImages:
+    """Decode and resize images to uint8 RGB (N, H, W, 3); skip undecodable ones, fail when too many are bad."""
     indices = list(range(len(folder))) if indices is None else indices
     arrays, kept, bad = [], [], []
     for i in indices:
         try:
-            arrays.append(preprocess(load_image(folder.items[i].path)))
+            arrays.append(np.asarray(preprocess.resize_image(load_image(folder.items[i].path)), np.uint8))
             kept.append(i)
         except InputError as exc:
             bad.append((folder.items[i].path, exc.message))
@@ -132,3 +132,11 @@ def load_pixels(folder: ImageFolder, preprocess: Preprocess, *, indices: list[in
     if not arrays:
         raise InputError(f"no decodable images in {folder.root}")
     return LoadedImages(np.stack(arrays), kept, bad)
+
+
+def load_pixels(folder: ImageFolder, preprocess: Preprocess, *, indices: list[int] | None = None,
+                max_bad_fraction: float = 0.05) -> LoadedImages:
+    """Decode and preprocess images (float32, the model's layout); same skipping rules as :func:`load_rgb`."""
+    loaded = load_rgb(folder, preprocess, indices=indices, max_bad_fraction=max_bad_fraction)
+    loaded.pixels = preprocess.normalize(loaded.pixels)
+    return loaded

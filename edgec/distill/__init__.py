@@ -1,0 +1,164 @@
+"""edgec distill: a timm student trained into the teacher's embedding space.
+
+``run(DistillConfig) -> DistillOutputs`` is the whole stage; the CLI only builds the config.
+Output folder::
+
+    <out>/student/          best student by the eval metric (edgec format)
+    <out>/last/             last finished epoch + optimizer state (for --resume)
+    <out>/metrics.csv       one row per epoch
+    <out>/learning_curve.png
+    <out>/manifest.json     sources, config, metrics, sizes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..config import DistillSection, EdgecConfig, ModelSection
+from ..errors import InputError
+from ..manifest import atomic_write_json, file_record
+from ..schema import to_dict
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: ModelSection
+    train: Path
+    out: Path
+    student: str = "mobilevit_xxs"
+    image_size: int | None = None
+    eval: Path | None = None
+    prompts: tuple[str, ...] = ("a photo of a {}.",)
+    captions_file: str = "captions.jsonl"
+    max_bad_fraction: float = 0.05
+    params: DistillSection = dataclasses.field(default_factory=DistillSection)
+    augment: Literal["none", "light", "standard"] = "none"
+    cache: Path | None = None
+    version: int = 1
+
+    @classmethod
+    def from_edgec(cls, cfg: EdgecConfig, *, target: str | None = None, student: str | None = None,
+                   out: Path | None = None, **overrides) -> DistillConfig:
+        if cfg.model is None:
+            raise InputError("edgec.toml has no [model] section: distill needs the teacher", hint="add [model] path = ...")
+        if cfg.data.train is None:
+            raise InputError("edgec.toml has no [data] train folder", hint="set [data] train = \"path/to/images\"")
+        name = student or (cfg.student.targets.get(target) if target else None) or cfg.student.name
+        build = cfg.resolve(cfg.targets.out)
+        teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
+        if teacher.arch and teacher.arch.endswith(".json"):
+            teacher = dataclasses.replace(teacher, arch=str(cfg.resolve(teacher.arch)))
+        params = dataclasses.replace(cfg.distill, **{k: v for k, v in overrides.items() if v is not None})
+        return cls(teacher=teacher, train=cfg.resolve(cfg.data.train), out=out or build / "distill" / name, student=name,
+                   image_size=cfg.student.image_size, eval=cfg.resolve(cfg.data.eval), prompts=tuple(cfg.data.prompts),
+                   captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, params=params,
+                   augment=params.augment, cache=build / "cache")
+
+
+@dataclass
+class DistillOutputs:
+    out: Path
+    student: Path
+    manifest: dict
+
+
+def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, log=print) -> DistillOutputs:
+    import torch
+
+    from ..data.folder import load_rgb, read_folder
+    from ..models import load_model
+    from ..models.base import count_macs, count_params
+    from ..models.student import StudentSpec, check_student_name, create_student
+    from .data import folder_identity, teacher_identity, teacher_targets
+    from .trainer import to_split, train
+
+    t0 = time.time()
+    check_student_name(config.student)
+    teacher = load_model(config.teacher.path, config.teacher.kind, arch=config.teacher.arch,
+                         trust_pickle=config.teacher.trust_pickle)
+    spec = StudentSpec(config.student, teacher.embed_dim,
+                       teacher.preprocess.with_size(config.image_size) if config.image_size else teacher.preprocess)
+    if config.params.device not in ("auto", "cpu") and config.params.device.startswith("cuda") and torch.cuda.is_available():
+        teacher.to(config.params.device.split(":")[0] if ":" not in config.params.device else config.params.device)
+    elif config.params.device == "auto" and torch.cuda.is_available():
+        teacher.to("cuda")
+
+    prompts = list(config.prompts)
+    splits = {}
+    for role, path in (("train", config.train), ("eval", config.eval)):
+        if path is None:
+            continue
+        folder = read_folder(path, config.captions_file)
+        fid = folder_identity(folder)
+        targets = teacher_targets(teacher, folder, prompts=prompts, cache_dir=config.cache,
+                                  max_bad_fraction=config.max_bad_fraction, folder_id=fid)
+        log(f"{role}: {len(targets.kept)} images from {path}" + (f", {targets.bad} undecodable skipped" if targets.bad else "")
+            + (" (teacher outputs from cache)" if targets.cached else " (teacher outputs computed and cached)"))
+        pixels = load_rgb(folder, spec.preprocess, indices=targets.kept, max_bad_fraction=1.0).pixels
+        splits[role] = (to_split(pixels, targets.image, targets.label_ids, targets.captions, targets.caption_index),
+                        targets, fid)
+    train_split, train_targets, train_id = splits["train"]
+    eval_split = splits["eval"][0] if "eval" in splits else None
+    class_text_np = (splits.get("eval") or splits["train"])[1].class_text
+    class_text = torch.from_numpy(class_text_np).float() if class_text_np is not None else None
+    if config.params.losses.contrastive_text and train_split.captions is None:
+        raise InputError(f"distill.losses.contrastive_text needs captions, and {config.train} has no {config.captions_file}",
+                         hint="set contrastive_text = 0 or add captions")
+    if config.params.losses.logit and class_text is None:
+        raise InputError(f"distill.losses.logit needs labels, and {config.train} has none",
+                         hint="set logit = 0, or use class sub-folders or 'label' in captions.jsonl")
+    teacher_id = teacher_identity(teacher)
+    extra = {"teacher": {"name": teacher.name, "kind": teacher.kind, "sha256": teacher_id}}
+    teacher.to("cpu")
+
+    result = train(spec, config.params, train_split, eval_split, class_text, logit_scale=teacher.logit_scale,
+                   out=config.out, augment_mode=config.augment, resume=resume, progress=progress, extra=extra, log=log)
+
+    student_dir = config.out / "student"
+    probe = create_student(spec)
+    h, w = spec.preprocess.size
+    manifest = {
+        "schema": SCHEMA,
+        "stage": "distill",
+        "student": {**spec.to_json(), "params": count_params(probe), "macs": count_macs(probe, torch.zeros(1, 3, h, w)),
+                    "path": "student"},
+        "teacher": {**extra["teacher"], "image_params": teacher.params()["image"],
+                    "image_macs": count_macs(teacher.image_encoder, torch.zeros(1, 3, *teacher.preprocess.size))},
+        "data": {"train": str(config.train), "train_sha256": train_id, "train_images": len(train_split.pixels),
+                 "eval": str(config.eval) if config.eval else None,
+                 "eval_sha256": splits["eval"][2] if "eval" in splits else None},
+        "config": {**to_dict(config.params), "augment": config.augment, "prompts": prompts},
+        "metrics": {k: v for k, v in result.best.items()},
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "device": config.params.device if config.params.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "world_size": int(__import__("os").environ.get("WORLD_SIZE", "1")),
+        "ranks_max_abs_diff": result.ranks_max_abs_diff,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "versions": _versions(),
+    }
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        manifest["artifacts"] = [file_record(p, config.out) for p in sorted(student_dir.iterdir())]
+        atomic_write_json(config.out / "manifest.json", manifest)
+    return DistillOutputs(config.out, student_dir, manifest)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("edgec", "torch", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

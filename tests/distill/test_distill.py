@@ -1,0 +1,229 @@
+"""edgec distill on the example teacher with a tiny timm student: training, cache, resume, errors, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+from ..conftest import EXAMPLE, REPO
+
+runner = CliRunner()
+STUDENT = "test_efficientnet"  # timm's 99k-parameter test network: fast, with BatchNorm
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Small train/eval splits of the example data, plus odd-but-valid images in train."""
+    root = tmp_path_factory.mktemp("shapes")
+    for split, scale in (("train", "0.02"), ("eval", "0.2")):
+        subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(root), "--splits", split,
+                        "--scale", scale], check=True, capture_output=True)
+    train = root / "train"
+    rows = [json.loads(line) for line in (train / "captions.jsonl").read_text().splitlines()]
+    odd = []
+    for i, mode in enumerate(["L", "RGBA", "P", "CMYK", "I;16"]):
+        src = Image.open(train / rows[i]["image"])
+        img = src.convert(mode) if mode != "I;16" else Image.fromarray((np.asarray(src.convert("L"), np.uint16) * 257))
+        name = f"odd_{i}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(train / name)
+        odd.append({**rows[i], "image": name})
+    with open(train / "captions.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in odd)
+    return root
+
+
+def project(tmp_path: Path, data: Path, **distill) -> Path:
+    settings = {"epochs": 2, "batch_size": 32, "lr": 0.003, "seed": 0, **distill}
+    losses = settings.pop("losses", None)
+    lines = [
+        "[model]", f"path = {json.dumps(str(EXAMPLE / 'teacher'))}",
+        "[student]", f'name = "{STUDENT}"',
+        "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
+        "[targets]", f"out = {json.dumps(str(tmp_path / 'build'))}",
+        "[distill]", *[f"{k} = {json.dumps(v)}" for k, v in settings.items()],
+    ]
+    if losses:
+        lines += ["[distill.losses]", *[f"{k} = {v}" for k, v in losses.items()]]
+    path = tmp_path / "edgec.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def distill(config: Path, *args: str):
+    return runner.invoke(app, ["distill", "--config", str(config), "--no-progress", *args])
+
+
+def student_weights(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("run")
+    config = project(tmp, data, losses={"feature_cosine": 1.0, "contrastive_text": 0.5, "logit": 0.5})
+    result = distill(config)
+    assert result.exit_code == 0, result.output
+    return config, tmp / "build" / "distill" / STUDENT, result
+
+
+def test_distill_trains_a_student_into_the_teacher_space(trained, torch):
+    from edgec.models.student import load_student
+
+    _, out, result = trained
+    assert "teacher outputs computed and cached" in result.stdout
+    assert "5 undecodable" not in result.stdout  # odd modes are converted, not skipped
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "distill" and manifest["epochs_run"] == 2
+    assert manifest["data"]["train_images"] == 24 * 8 + 5
+    assert manifest["teacher"]["image_params"] > 20 * manifest["student"]["params"]
+
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss")
+    assert Image.open(out / "learning_curve.png").size[0] > 100
+
+    student, spec, _ = load_student(out / "student")
+    assert spec.embed_dim == 256 and spec.preprocess.size == (64, 64)
+    # trained student agrees with the teacher better than the same network untrained
+    from edgec.models.student import create_student
+
+    from edgec.data.folder import load_pixels, read_folder
+    from edgec.models import load_model
+
+    teacher = load_model(EXAMPLE / "teacher")
+    ev = read_folder(Path(manifest["data"]["eval"]))
+    x = torch.from_numpy(load_pixels(ev, spec.preprocess).pixels)
+    t = teacher.encode_image(x)
+    with torch.no_grad():
+        cos_trained = torch.nn.functional.cosine_similarity(student(x), t).mean().item()
+        cos_random = torch.nn.functional.cosine_similarity(create_student(spec, seed=0).eval()(x), t).mean().item()
+    assert cos_trained == pytest.approx(manifest["metrics"]["cosine_mean"], abs=1e-4)
+    assert cos_trained > cos_random + 0.2
+
+
+def test_second_run_reads_the_teacher_cache(trained, tmp_path, data):
+    config, _, _ = trained
+    out = tmp_path / "again"
+    result = distill(config, "--epochs", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("teacher outputs from cache") == 2
+
+
+def test_resume_continues_exactly(tmp_path, data, monkeypatch):
+    from edgec.distill import trainer
+
+    config = project(tmp_path, data)
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    assert distill(config, "--out", str(straight)).exit_code == 0
+
+    real = trainer._checkpoint
+
+    def interrupted(*args, **kwargs):  # Ctrl-C right after the first epoch's checkpoint
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_checkpoint", interrupted)
+    result = distill(config, "--out", str(part))
+    assert isinstance(result.exception, KeyboardInterrupt)
+    assert json.loads((part / "last" / "trainer_state.json").read_text())["epoch"] == 1
+    assert not list(part.glob(".*partial"))
+    monkeypatch.setattr(trainer, "_checkpoint", real)
+
+    resumed = distill(config, "--out", str(part), "--resume")
+    assert resumed.exit_code == 0 and "resumed from" in resumed.stdout
+    a, b = student_weights(straight / "last"), student_weights(part / "last")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    rows = (part / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, torch):
+    from edgec.distill import losses
+
+    config = project(tmp_path, data)
+    out = tmp_path / "nan"
+    real, calls = losses.DistillLoss.forward, []
+    steps_per_epoch = (24 * 8 + 5) // 32
+
+    def diverging(self, batch):
+        calls.append(1)
+        loss, parts = real(self, batch)
+        return (loss * float("nan") if len(calls) > steps_per_epoch else loss), parts
+
+    monkeypatch.setattr(losses.DistillLoss, "forward", diverging)
+    result = distill(config, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "loss became nan at epoch 2, step 1" in result.stderr and "lower distill.lr" in result.stderr
+    assert json.loads((out / "last" / "trainer_state.json").read_text())["epoch"] == 1
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_unknown_student_suggests_names(tmp_path, data):
+    config = project(tmp_path, data)
+    result = distill(config, "--student", "mobilevit_xxxs")
+    assert result.exit_code == 2 and "unknown student 'mobilevit_xxxs'" in result.stderr
+    assert "mobilevit_xxs" in result.stderr
+
+
+def test_resume_with_other_embedding_dim_is_refused(tmp_path, data, tiny_edgec):
+    out = tmp_path / "mixed"
+    config = project(tmp_path, data, epochs=1)
+    assert distill(config, "--out", str(out)).exit_code == 0
+    text = config.read_text().replace(json.dumps(str(EXAMPLE / "teacher")), json.dumps(str(tiny_edgec)))
+    config.write_text(text)
+    result = distill(config, "--out", str(out), "--resume")
+    assert result.exit_code == 2 and "embedding dim 256" in result.stderr and "dim 16" in result.stderr
+
+
+def test_empty_and_broken_training_folders(tmp_path, data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = project(tmp_path, data)
+    config.write_text(config.read_text().replace(json.dumps(str(data / "train")), json.dumps(str(empty))))
+    result = distill(config)
+    assert result.exit_code == 2 and "no images in" in result.stderr
+
+    broken = tmp_path / "broken" / "x"
+    broken.mkdir(parents=True)
+    for i in range(4):
+        (broken / f"{i}.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8)).save(broken / "ok.png")
+    config.write_text(config.read_text().replace(json.dumps(str(empty)), json.dumps(str(broken.parent))))
+    result = distill(config)
+    assert result.exit_code == 2 and "4 of 5 images" in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path, data):
+    """torchrun, 2 CPU processes with gloo: identical weights on both ranks, close to one process."""
+    config = project(tmp_path, data, epochs=1, lr=0.001)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "edgec.cli", "distill", "--config", str(config), "--no-progress", "--out", str(ddp_out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = distill(config, "--out", str(single_out))
+    assert single.exit_code == 0
+    manifest = json.loads((ddp_out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["ranks_max_abs_diff"] == 0.0
+    a, b = student_weights(ddp_out / "last"), student_weights(single_out / "last")
+    diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a if a[k].dtype.kind == "f"}
+    # BatchNorm sees half the batch per rank, so weights differ slightly; the embedding quality does not
+    assert max(diffs.values()) < 0.05, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    single_m = json.loads((single_out / "manifest.json").read_text())["metrics"]
+    assert abs(manifest["metrics"]["cosine_mean"] - single_m["cosine_mean"]) < 0.02
