@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from ..config import DistillSection
 from ..errors import EdgecError, InputError
 from ..manifest import atomic_write_bytes, atomic_write_json, staged_dir
 from ..models.student import Student, StudentSpec, create_student, read_student_config, save_student
+from .ddp import Dist, global_batch_norm, max_abs_diff_to_rank0
 from .losses import Batch, DistillLoss
 
 STATE_JSON = "trainer_state.json"
@@ -47,28 +47,6 @@ class Split:
     label_ids: torch.Tensor
     captions: torch.Tensor | None = None
     caption_index: list[list[int]] = field(default_factory=list)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def resolve_device(name: str, dist: Dist) -> torch.device:
@@ -256,7 +234,7 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
                 idx = order[step * params.batch_size : (step + 1) * params.batch_size]
                 idx = idx[dist.rank * per_rank : (dist.rank + 1) * per_rank]
                 x = augment(norm(train_split.pixels[idx].to(device)), augment_mode, gen)
-                with autocast:
+                with autocast, global_batch_norm(dist.world > 1 and device.type == "cpu"):
                     emb = student(x)
                 batch = Batch(emb.float(), train_split.teacher[idx].to(device))
                 if params.losses.contrastive_text and train_split.captions is not None:
@@ -267,7 +245,7 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
                 loss, parts = loss_fn(batch)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
+                        f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
                         f"the last good checkpoint is {last if last.exists() else 'none (first epoch)'}",
                         hint="lower distill.lr or check the data; --resume continues from the last good epoch")
                 opt.zero_grad(set_to_none=True)
@@ -276,7 +254,7 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
                     nn.utils.clip_grad_norm_(core.parameters(), params.grad_clip)
                 opt.step()
                 sched.step()
-                running += float(loss)
+                running += float(loss.detach())
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
                 seen += len(idx) * dist.world
@@ -309,7 +287,7 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
     finally:
         if bar is not None:
             bar.close()
-    diff = _ranks_max_abs_diff(core, dist)
+    diff = max_abs_diff_to_rank0(core.parameters(), dist)
     return TrainResult(best, history, len(history), stopped_early, time.time() - t_start, diff)
 
 
@@ -339,20 +317,6 @@ def _checkpoint(core: Student, spec: StudentSpec, opt, sched, out: Path, epoch: 
         writer.writerows(history)
         atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
     _plot(history, out / "learning_curve.png")
-
-
-def _ranks_max_abs_diff(core: nn.Module, dist: Dist) -> float | None:
-    """Largest difference between any rank's weights and rank 0's (0.0 when DDP kept them in step)."""
-    if dist.world <= 1:
-        return None
-    import torch.distributed as tdist
-
-    flat = torch.cat([p.detach().float().flatten().cpu() for p in core.parameters()])
-    ref = flat.clone()
-    tdist.broadcast(ref, src=0)
-    diff = torch.tensor([(flat - ref).abs().max().item()])
-    tdist.all_reduce(diff, op=tdist.ReduceOp.MAX)
-    return float(diff)
 
 
 class _Bar:

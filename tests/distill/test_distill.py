@@ -44,7 +44,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def project(tmp_path: Path, data: Path, **distill) -> Path:
-    settings = {"epochs": 2, "batch_size": 32, "lr": 0.003, "seed": 0, **distill}
+    settings = {"epochs": 2, "batch_size": 16, "lr": 0.01, "seed": 0, **distill}
     losses = settings.pop("losses", None)
     lines = [
         "[model]", f"path = {json.dumps(str(EXAMPLE / 'teacher'))}",
@@ -73,7 +73,7 @@ def student_weights(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("run")
-    config = project(tmp, data, losses={"feature_cosine": 1.0, "contrastive_text": 0.5, "logit": 0.5})
+    config = project(tmp, data, epochs=3, losses={"feature_cosine": 1.0, "contrastive_text": 0.5, "logit": 0.5})
     result = distill(config)
     assert result.exit_code == 0, result.output
     return config, tmp / "build" / "distill" / STUDENT, result
@@ -86,12 +86,12 @@ def test_distill_trains_a_student_into_the_teacher_space(trained, torch):
     assert "teacher outputs computed and cached" in result.stdout
     assert "5 undecodable" not in result.stdout  # odd modes are converted, not skipped
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stage"] == "distill" and manifest["epochs_run"] == 2
+    assert manifest["stage"] == "distill" and manifest["epochs_run"] == 3
     assert manifest["data"]["train_images"] == 24 * 8 + 5
     assert manifest["teacher"]["image_params"] > 20 * manifest["student"]["params"]
 
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss")
+    assert len(rows) == 4 and rows[0].startswith("epoch,train_loss")
     assert Image.open(out / "learning_curve.png").size[0] > 100
 
     student, spec, _ = load_student(out / "student")
@@ -106,11 +106,13 @@ def test_distill_trains_a_student_into_the_teacher_space(trained, torch):
     ev = read_folder(Path(manifest["data"]["eval"]))
     x = torch.from_numpy(load_pixels(ev, spec.preprocess).pixels)
     t = teacher.encode_image(x)
+    last, _, _ = load_student(out / "last")
     with torch.no_grad():
-        cos_trained = torch.nn.functional.cosine_similarity(student(x), t).mean().item()
+        cos_best = torch.nn.functional.cosine_similarity(student(x), t).mean().item()
+        cos_last = torch.nn.functional.cosine_similarity(last(x), t).mean().item()
         cos_random = torch.nn.functional.cosine_similarity(create_student(spec, seed=0).eval()(x), t).mean().item()
-    assert cos_trained == pytest.approx(manifest["metrics"]["cosine_mean"], abs=1e-4)
-    assert cos_trained > cos_random + 0.2
+    assert cos_best == pytest.approx(manifest["metrics"]["cosine_mean"], abs=1e-4)  # the kept student is the one measured
+    assert cos_last > cos_random + 0.15
 
 
 def test_second_run_reads_the_teacher_cache(trained, tmp_path, data):
@@ -136,7 +138,7 @@ def test_resume_continues_exactly(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(trainer, "_checkpoint", interrupted)
     result = distill(config, "--out", str(part))
-    assert isinstance(result.exception, KeyboardInterrupt)
+    assert result.exit_code == 130  # Ctrl-C
     assert json.loads((part / "last" / "trainer_state.json").read_text())["epoch"] == 1
     assert not list(part.glob(".*partial"))
     monkeypatch.setattr(trainer, "_checkpoint", real)
@@ -157,7 +159,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
     config = project(tmp_path, data)
     out = tmp_path / "nan"
     real, calls = losses.DistillLoss.forward, []
-    steps_per_epoch = (24 * 8 + 5) // 32
+    steps_per_epoch = (24 * 8 + 5) // 16
 
     def diverging(self, batch):
         calls.append(1)
@@ -223,7 +225,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, data):
     assert manifest["world_size"] == 2 and manifest["ranks_max_abs_diff"] == 0.0
     a, b = student_weights(ddp_out / "last"), student_weights(single_out / "last")
     diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a if a[k].dtype.kind == "f"}
-    # BatchNorm sees half the batch per rank, so weights differ slightly; the embedding quality does not
-    assert max(diffs.values()) < 0.05, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # batch norm statistics come from all ranks, so only float summation order differs
+    assert max(diffs.values()) < 1e-3, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     single_m = json.loads((single_out / "manifest.json").read_text())["metrics"]
-    assert abs(manifest["metrics"]["cosine_mean"] - single_m["cosine_mean"]) < 0.02
+    assert manifest["metrics"]["cosine_mean"] == pytest.approx(single_m["cosine_mean"], abs=1e-3)
