@@ -117,6 +117,15 @@ def _render_model(info: dict) -> None:
     out.print(f"tokenizer: {info['tokenizer'] or 'none'}, context length {info['context_length']}")
     for note in info["notes"]:
         out.print(f"note: {note}", markup=False)
+    if "student" in info:
+        _render_student(info["student"])
+
+
+def _render_student(s: dict) -> None:
+    ratio = s.get("vs_teacher_image_tower")
+    out.print(f"student {s['name']}: {_fmt_count(s['params'])} params, {_fmt_count(s['macs'])} MACs, input {s['input']['shape']}"
+              + (f"; teacher image tower is {ratio['params_ratio']}x the params, {ratio['macs_ratio']}x the MACs" if ratio else ""),
+              markup=False)
 
 
 def _render_artifact(info: dict) -> None:
@@ -147,6 +156,8 @@ def inspect_cmd(
     arch: Annotated[Optional[str], typer.Option("--arch", help="open_clip architecture name or model-config .json.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints (only for trusted files).")] = False,
     macs: Annotated[bool, typer.Option("--macs/--no-macs", help="Count MACs per tower (one forward pass).")] = True,
+    student: Annotated[Optional[str], typer.Option(
+        "--student", help="Also show a student (timm name or student folder) beside the teacher; default: [student] of edgec.toml.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Towers, parameters, MACs, embedding dim, input size and preprocessing of a model or artifact."""
@@ -157,7 +168,10 @@ def inspect_cmd(
         render = _render_artifact
     else:
         from .models import ModelKind, describe, load_model
+        from .models.intake import describe_student
+        from .models.student import is_student_checkpoint
 
+        image_size = None
         if model is None:
             from .config import load_config
 
@@ -166,11 +180,18 @@ def inspect_cmd(
                 raise EdgecError(f"{config or 'edgec.toml'} has no [model] section", hint="add [model] path = ... or pass MODEL")
             model, kind = cfg.resolve(cfg.model.path), kind or cfg.model.kind
             arch, trust_pickle = arch or cfg.model.arch, trust_pickle or cfg.model.trust_pickle
-        kind = kind or "auto"
-        if kind not in ModelKind.__members__:
-            raise EdgecError(f"--kind must be one of {', '.join(ModelKind.__members__)}, not {kind!r}")
-        info = describe(load_model(model, kind, arch=arch, trust_pickle=trust_pickle), macs=macs)
-        render = _render_model
+            student, image_size = student or cfg.student.name, cfg.student.image_size
+        if is_student_checkpoint(model):
+            info, render = describe_student(model, None), _render_student
+        else:
+            kind = kind or "auto"
+            if kind not in ModelKind.__members__:
+                raise EdgecError(f"--kind must be one of {', '.join(ModelKind.__members__)}, not {kind!r}")
+            teacher = load_model(model, kind, arch=arch, trust_pickle=trust_pickle)
+            info = describe(teacher, macs=macs)
+            if student:
+                info["student"] = describe_student(student, teacher, image_size=image_size)
+            render = _render_model
     if as_json:
         _emit_json(info)
     else:

@@ -268,7 +268,7 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
             row.update(metrics)
             history.append(row)
             best_key = "agreement" if "agreement" in metrics else "cosine_mean" if metrics else None
-            improved = best_key is None or not best or metrics[best_key] > best.get(best_key, -1)
+            improved = best_key is None or not best or _rank(metrics) > _rank(best)
             if improved:
                 best, bad_epochs = dict(row), 0
             else:
@@ -289,6 +289,11 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
             bar.close()
     diff = max_abs_diff_to_rank0(core.parameters(), dist)
     return TrainResult(best, history, len(history), stopped_early, time.time() - t_start, diff)
+
+
+def _rank(metrics: dict) -> tuple[float, float]:
+    """Eval ordering: zero-shot agreement when labels exist, cosine to break ties (or alone)."""
+    return (metrics.get("agreement", 0.0), metrics.get("cosine_mean", 0.0))
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

@@ -85,3 +85,30 @@ def describe(model: MultimodalModel, *, macs: bool = True) -> dict:
         "logit_bias": model.logit_bias,
         "notes": model.notes,
     }
+
+
+def describe_student(student: str | Path, teacher: MultimodalModel | None, *, image_size: int | None = None) -> dict:
+    """A student (timm name or student checkpoint folder) with its size relative to the teacher's image tower."""
+    import torch
+
+    from .student import StudentSpec, create_student, is_student_checkpoint, load_student
+
+    path = Path(student)
+    if is_student_checkpoint(path):
+        module, spec, _ = load_student(path)
+    else:
+        if teacher is None:
+            raise InputError(f"{student!r} is not a student checkpoint folder; a timm name needs a teacher for its embedding dim")
+        pre = teacher.preprocess.with_size(image_size) if image_size else teacher.preprocess
+        spec = StudentSpec(str(student), teacher.embed_dim, pre)
+        module = create_student(spec).eval()
+    h, w = spec.preprocess.size
+    params = sum(p.numel() for p in module.parameters())
+    macs = count_macs(module, torch.zeros(1, 3, h, w))
+    info = {"name": spec.name, "params": params, "macs": macs, "input": {"shape": [1, 3, h, w], "dtype": "float32"},
+            "output": {"shape": [1, spec.embed_dim], "dtype": "float32"}}
+    if teacher is not None:
+        t_params = teacher.params()["image"]
+        t_macs = count_macs(teacher.image_encoder, teacher.example_inputs(1)["image"])
+        info["vs_teacher_image_tower"] = {"params_ratio": round(t_params / params, 2), "macs_ratio": round(t_macs / max(1, macs), 2)}
+    return info

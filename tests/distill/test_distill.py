@@ -115,6 +115,14 @@ def test_distill_trains_a_student_into_the_teacher_space(trained, torch):
     assert cos_last > cos_random + 0.15
 
 
+def test_inspect_a_student_checkpoint(trained):
+    _, out, _ = trained
+    result = runner.invoke(app, ["inspect", str(out / "student"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["name"] == STUDENT and info["output"]["shape"] == [1, 256] and info["params"] > 90_000
+
+
 def test_second_run_reads_the_teacher_cache(trained, tmp_path, data):
     config, _, _ = trained
     out = tmp_path / "again"

@@ -53,6 +53,10 @@ def test_teacher_inspect_shows_a_vit_of_at_least_4m_params():
     assert info["towers"]["image"]["params"] >= 4_000_000
     assert info["towers"]["text"]["params"] > 0 and info["towers"]["image"]["macs"] > 0
     assert info["preprocess"]["size"] == [64, 64]
+    student = info["student"]  # the configured student, beside the teacher
+    assert student["name"] == "mobilevit_xxs" and student["output"]["shape"] == [1, 256]
+    assert student["vs_teacher_image_tower"]["params_ratio"] == round(info["towers"]["image"]["params"] / student["params"], 2)
+    assert student["vs_teacher_image_tower"]["macs_ratio"] > 1
 
 
 def test_example_config_loads():
