@@ -229,6 +229,84 @@ def distill_cmd(
               f"{result.out / 'metrics.csv'}, {result.out / 'learning_curve.png'}, {result.out / 'manifest.json'}", markup=False)
 
 
+@_command("golden")
+def golden_cmd(
+    config: ConfigOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/golden).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Teacher outputs on the eval set at full precision -> build/golden/ (records the device used)."""
+    import dataclasses as dc
+
+    from .config import load_config
+    from .verify.golden import GoldenConfig, build_golden, load_golden
+
+    cfg = load_config(config)
+    if cfg.model is None or cfg.data.eval is None:
+        raise EdgecError("golden needs [model] path and [data] eval in edgec.toml", hint="add them, see 'edgec init'")
+    gcfg = GoldenConfig(teacher=dc.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=cfg.resolve(cfg.data.eval),
+                        out=out_dir or cfg.resolve(cfg.targets.out) / "golden", prompts=tuple(cfg.data.prompts),
+                        captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
+    path = build_golden(gcfg, log=(lambda *_: None) if as_json else (lambda t: out.print(t, markup=False)))
+    if as_json:
+        _emit_json({"golden": str(path), **load_golden(path).meta})
+    else:
+        out.print(f"wrote {path}", markup=False)
+
+
+@_command("compile")
+def compile_cmd(
+    target: Annotated[str, typer.Option("--target", "-t", help="A target from 'edgec targets', or 'all' ([targets] build).")],
+    config: ConfigOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/<target>).")] = None,
+    no_distill: Annotated[bool, typer.Option("--no-distill", help="Compile the teacher's image tower as it is.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a target folder: artifacts, zero-shot head files and manifest.json (runs distill first when missing)."""
+    from .compile import compile_from_config
+    from .config import DEFAULT_CONFIG, load_config
+
+    cfg = load_config(config)
+    targets = cfg.targets.build if target == "all" else [target]
+    if out_dir is not None and len(targets) > 1:
+        raise EdgecError("--out names one folder; with --target all each target goes to <build>/<target>")
+    log = (lambda *_: None) if as_json else (lambda t: out.print(t, markup=False))
+    results = []
+    for name in targets:
+        res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
+                                  progress=progress and not as_json, log=log)
+        results.append(res)
+        if not as_json:
+            files = ", ".join(a["path"] for a in res.manifest["artifacts"])
+            out.print(f"wrote {res.out} ({files}, manifest.json)", markup=False)
+    if as_json:
+        _emit_json([{"out": str(r.out), **r.manifest} for r in results])
+
+
+@_command("verify")
+def verify_cmd(
+    folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile'.")],
+    golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: <folder>/../golden).")] = None,
+    gate: Annotated[Optional[list[str]], typer.Option("--gate", help="Gate such as agreement>=0.97 (repeatable); "
+                                                      "replaces the gates recorded in the manifest.")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML here.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown summary here "
+                                                     "(also appended to $GITHUB_STEP_SUMMARY when set).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime threads.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the artifacts in their runtime against the golden set; exit 1 when a gate fails."""
+    from .verify.run import summary_line, verify
+
+    report = verify(folder, golden, gate, threads=threads, junit=junit, markdown=markdown)
+    if as_json:
+        _emit_json(report)
+    else:
+        out.print(f"{report['target']}: passed; {summary_line(report)}", markup=False)
+
+
 def _registry_rows(kind: str) -> list[dict]:
     from . import registry
 

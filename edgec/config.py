@@ -134,8 +134,8 @@ class EdgecConfig:
     calibration: CalibrationSection = doc(help="calibration set", factory=CalibrationSection)
     quantize: QuantizeSection = doc(help="quantization", factory=QuantizeSection)
     targets: TargetsSection = doc(help="targets", factory=TargetsSection)
-    gates: dict[str, list[str]] = doc(help="verification gates per target ('default' for all)",
-                                      factory=lambda: {"default": ["agreement>=0.97"]})
+    gates: dict[str, list[str]] = doc(help="verification gates per target ('default': targets without their own list; "
+                                           "otherwise each target file's gates apply)", factory=dict)
     root: Path = field(default=Path("."), compare=False, metadata={"help": ""})
 
     def __post_init__(self) -> None:
@@ -152,8 +152,9 @@ class EdgecConfig:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.root / p
 
-    def gates_for(self, target: str) -> list[str]:
-        return list(self.gates.get(target, self.gates.get("default", [])))
+    def gates_for(self, target: str, target_defaults: list[str] | None = None) -> list[str]:
+        """The target's own list, else 'default', else the target file's gates."""
+        return list(self.gates.get(target) or self.gates.get("default") or target_defaults or [])
 
     def to_dict(self) -> dict:
         data = to_dict(self)

@@ -68,10 +68,11 @@ def render(model_path: str | None = None) -> str:
         if f.name in ("version", "model", "root", "gates"):
             continue
         _section(f.name, getattr(defaults, f.name), lines, {})
-    lines.append("\n# gates per target ('default' applies to targets without their own list)")
+    lines.append("\n# Verification gates per target; 'default' applies to targets without their own list,")
+    lines.append("# and without either each target file's gates apply (edgec targets --json shows them).")
     lines.append("[gates]")
-    for target, exprs in defaults.gates.items():
-        lines.append(f"{_key(target)} = {_toml_value(exprs)}")
+    lines.append('# default = ["agreement>=0.97", "cosine_mean>=0.95"]')
+    lines.append('# edgetpu = ["agreement>=0.95"]')
     return "\n".join(lines) + "\n"
 
 

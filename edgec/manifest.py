@@ -112,3 +112,19 @@ def file_record(path: Path, root: Path, **extra: Any) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         **extra,
     }
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """A target folder's manifest.json; :class:`InputError` when missing or corrupt."""
+    from .errors import InputError
+
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"no {MANIFEST} in {folder}", hint="point at a folder written by 'edgec compile'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg})", hint="compile the target again") from None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import string
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -118,3 +122,27 @@ def tiny_open_clip(tmp_path_factory, torch) -> tuple[Path, Path]:
     ckpt = folder / "tiny.pt"
     torch.save({"state_dict": model.state_dict()}, ckpt)
     return ckpt, arch
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """Small train (8 per class) / eval (5 per class) splits of the example data, plus odd-but-valid
+    images (grayscale, RGBA, palette, CMYK, 16-bit) in train."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("shapes")
+    for split, scale in (("train", "0.02"), ("eval", "0.2")):
+        subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(root), "--splits", split,
+                        "--scale", scale], check=True, capture_output=True)
+    train = root / "train"
+    rows = [json.loads(line) for line in (train / "captions.jsonl").read_text().splitlines()]
+    odd = []
+    for i, mode in enumerate(["L", "RGBA", "P", "CMYK", "I;16"]):
+        src = Image.open(train / rows[i]["image"])
+        img = src.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(src.convert("L"), np.uint16) * 257)
+        name = f"odd_{i}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(train / name)
+        odd.append({**rows[i], "image": name})
+    with open(train / "captions.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in odd)
+    return root

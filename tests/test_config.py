@@ -109,7 +109,8 @@ def test_missing_config_file(tmp_path):
 def test_gates_per_target_fall_back_to_default():
     c = cfg.config_from_dict({"gates": {"default": ["agreement>=0.97"], "edgetpu": ["agreement>=0.9"]}})
     assert c.gates_for("edgetpu") == ["agreement>=0.9"]
-    assert c.gates_for("cpu") == ["agreement>=0.97"]
+    assert c.gates_for("cpu", ["cosine_mean>=0.9"]) == ["agreement>=0.97"]
+    assert cfg.config_from_dict({}).gates_for("cpu", ["cosine_mean>=0.9"]) == ["cosine_mean>=0.9"]
 
 
 def test_generated_file_is_plain_toml():
@@ -117,3 +118,12 @@ def test_generated_file_is_plain_toml():
 
     data = tomllib.loads(render("m"))
     assert data["model"]["path"] == "m" and data["distill"]["losses"]["feature_cosine"] == 1.0
+    assert data["gates"] == {}
+
+
+def test_every_known_metric_parses_as_a_gate():
+    from edgec.verify.gates import METRICS, parse_gate
+
+    for metric in METRICS:
+        gate = parse_gate(f"{metric}>=0.5")
+        assert gate.metric == metric and gate.holds(0.5) and not gate.holds(0.4)

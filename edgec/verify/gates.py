@@ -19,7 +19,7 @@ METRICS = (
     "text_cosine_mean",
 )
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-_GATE = re.compile(r"^\s*([a-z_]+(?:@\d+)?)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_GATE = re.compile(r"^\s*([a-z][a-z0-9_]*(?:@\d+)?)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
 
 @dataclass(frozen=True)

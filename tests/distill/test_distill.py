@@ -23,24 +23,8 @@ STUDENT = "test_efficientnet"  # timm's 99k-parameter test network: fast, with B
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Small train/eval splits of the example data, plus odd-but-valid images in train."""
-    root = tmp_path_factory.mktemp("shapes")
-    for split, scale in (("train", "0.02"), ("eval", "0.2")):
-        subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(root), "--splits", split,
-                        "--scale", scale], check=True, capture_output=True)
-    train = root / "train"
-    rows = [json.loads(line) for line in (train / "captions.jsonl").read_text().splitlines()]
-    odd = []
-    for i, mode in enumerate(["L", "RGBA", "P", "CMYK", "I;16"]):
-        src = Image.open(train / rows[i]["image"])
-        img = src.convert(mode) if mode != "I;16" else Image.fromarray((np.asarray(src.convert("L"), np.uint16) * 257))
-        name = f"odd_{i}.{'jpg' if mode == 'CMYK' else 'png'}"
-        img.save(train / name)
-        odd.append({**rows[i], "image": name})
-    with open(train / "captions.jsonl", "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in odd)
-    return root
+def data(shapes_data) -> Path:
+    return shapes_data
 
 
 def project(tmp_path: Path, data: Path, **distill) -> Path:
@@ -180,6 +164,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
     assert "loss became nan at epoch 2, step 1" in result.stderr and "lower distill.lr" in result.stderr
     assert json.loads((out / "last" / "trainer_state.json").read_text())["epoch"] == 1
     assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_early_stop_when_eval_stops_improving(tmp_path, data):
+    config = project(tmp_path, data, epochs=5, lr=1e-12, patience=1)  # lr ~ 0: nothing improves after epoch 1
+    result = distill(config, "--out", str(tmp_path / "es"))
+    assert result.exit_code == 0, result.output
+    assert "early stop: no agreement improvement for 1 epochs" in result.stdout
+    manifest = json.loads((tmp_path / "es" / "manifest.json").read_text())
+    assert manifest["epochs_run"] == 2 and manifest["stopped_early"] is True
+
+
+def test_unlabelled_folder_distils_on_features_alone(tmp_path, data):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted((data / "train").glob("*/*.png"))[:40]):
+        shutil.copy(p, flat / f"{i}.png")
+    config = project(tmp_path, data, epochs=1)
+    config.write_text(config.read_text().replace(json.dumps(str(data / "train")), json.dumps(str(flat)))
+                      .replace(json.dumps(str(data / "eval")), json.dumps(str(flat))))
+    result = distill(config, "--out", str(tmp_path / "u"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "u" / "manifest.json").read_text())["metrics"]
+    assert "cosine_mean" in metrics and "agreement" not in metrics
+
+    config.write_text(config.read_text() + "[distill.losses]\nlogit = 1.0\n")
+    result = distill(config, "--out", str(tmp_path / "u2"))
+    assert result.exit_code == 2 and "logit needs labels" in result.stderr
 
 
 def test_unknown_student_suggests_names(tmp_path, data):

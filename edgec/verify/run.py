@@ -1,0 +1,159 @@
+"""edgec verify: run a target folder's artifacts in their runtime on the golden inputs, compute the
+metrics and check the gates. numpy + the artifact's runtime only (no torch).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+from PIL import Image
+
+from ..data.preprocess import Preprocess
+from ..errors import GateFailed, InputError
+from ..manifest import atomic_write_json, atomic_write_text, read_manifest, sha256_file
+from ..runtime.runners import open_runner
+from .gates import parse_gate
+from .golden import Golden, load_golden
+from .metrics import agreement, cosine, top1_accuracy, zero_shot_predictions
+
+DEFAULT_GATES = ("agreement>=0.97",)
+
+
+def golden_inputs(golden: Golden, preprocess: Preprocess) -> np.ndarray:
+    """The golden images as the artifact expects them: its size, normalisation and layout."""
+    images = golden.images
+    if tuple(images.shape[1:3]) != tuple(preprocess.size):
+        images = np.stack([np.asarray(preprocess.resize_image(Image.fromarray(im))) for im in images])
+    return preprocess.normalize(images)
+
+
+def compute_metrics(emb: np.ndarray, golden: Golden) -> dict[str, float]:
+    cos = cosine(emb, golden.image_embeddings)
+    m: dict[str, float] = {"images": float(len(emb)), "cosine_mean": float(cos.mean()),
+                           "cosine_p1": float(np.percentile(cos, 1))}
+    if golden.text_embeddings is not None:
+        pred = zero_shot_predictions(emb, golden.text_embeddings)
+        ref = zero_shot_predictions(golden.image_embeddings, golden.text_embeddings)
+        m["agreement"] = agreement(pred, ref)
+        if (golden.label_ids >= 0).any():
+            m["accuracy"] = top1_accuracy(pred, golden.label_ids)
+            m["teacher_accuracy"] = top1_accuracy(ref, golden.label_ids)
+            m["accuracy_delta"] = m["accuracy"] - m["teacher_accuracy"]
+    return m
+
+
+def check_gates(metrics: dict[str, float], exprs: list[str]) -> list[dict]:
+    results = []
+    for expr in exprs:
+        try:
+            gate = parse_gate(expr)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        value = metrics.get(gate.metric)
+        results.append({"gate": str(gate), "metric": gate.metric, "value": value, "threshold": gate.threshold,
+                        "passed": value is not None and gate.holds(value),
+                        "reason": None if value is not None else f"metric {gate.metric} not available for this artifact"})
+    return results
+
+
+def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list[str] | None = None, *,
+           threads: int | None = None, junit: Path | None = None, markdown: Path | None = None) -> dict:
+    """Verify every artifact in ``folder``; writes verify.json there. Raises GateFailed when a gate fails."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    golden_dir = Path(golden_dir) if golden_dir else folder.parent / "golden"
+    golden = load_golden(golden_dir)
+    out_dim = manifest["outputs"][0]["shape"][-1]
+    if out_dim != golden.image_embeddings.shape[1]:
+        raise InputError(f"{folder} outputs {out_dim}-d embeddings but the golden set in {golden_dir} has "
+                         f"{golden.image_embeddings.shape[1]}-d ones: they come from different models",
+                         hint="run 'edgec golden' for this model's teacher, or pass the right --golden")
+    preprocess = Preprocess.from_json(manifest["inputs"][0]["preprocess"])
+    x = golden_inputs(golden, preprocess)
+    exprs = list(gates) if gates else list(manifest.get("gates") or DEFAULT_GATES)
+    results = []
+    for art in manifest["artifacts"]:
+        path = folder / art["path"]
+        if not path.is_file():
+            raise InputError(f"artifact missing: {path}", hint="compile the target again")
+        if sha256_file(path) != art["sha256"]:
+            raise InputError(f"{path} does not match the sha256 in manifest.json (truncated or altered)",
+                             hint="compile the target again, or copy the whole folder")
+        runner = open_runner(path, art["runtime"], threads)
+        t0 = time.time()
+        emb = runner(x)
+        seconds = time.time() - t0
+        metrics = compute_metrics(emb, golden)
+        gate_results = check_gates(metrics, exprs)
+        results.append({"artifact": art["path"], "precision": art.get("precision"), "runtime": art["runtime"],
+                        "metrics": metrics, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
+                        "seconds": round(seconds, 2)})
+    report = {"schema": 1, "target": manifest.get("target"), "folder": str(folder), "golden": str(golden_dir),
+              "golden_device": golden.meta.get("device"), "results": results,
+              "passed": all(r["passed"] for r in results)}
+    atomic_write_json(folder / "verify.json", report)
+    manifest["metrics"] = {r["artifact"]: r["metrics"] for r in results}
+    atomic_write_json(folder / "manifest.json", manifest)
+    if junit:
+        atomic_write_text(junit, to_junit(report))
+    md = to_markdown(report)
+    if markdown:
+        atomic_write_text(markdown, md)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(md + "\n")
+    failed = [(r, g) for r in results for g in r["gates"] if not g["passed"]]
+    if failed:
+        r, g = failed[0]
+        value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise GateFailed(f"{manifest.get('target')}/{r['artifact']}: gate {g['gate']} failed: {g['metric']} = {value}, "
+                         f"threshold {g['threshold']:g}{more}", hint=f"details in {folder / 'verify.json'}")
+    return report
+
+
+def to_junit(report: dict) -> str:
+    cases, failures = [], 0
+    for r in report["results"]:
+        for g in r["gates"]:
+            name = escape(f"{report['target']}/{r['artifact']}: {g['gate']}", {'"': "&quot;"})
+            if g["passed"]:
+                cases.append(f'  <testcase classname="edgec.verify" name="{name}" time="{r["seconds"]}"/>')
+            else:
+                failures += 1
+                msg = escape(f"{g['metric']} = {g['value']}, threshold {g['threshold']}", {'"': "&quot;"})
+                cases.append(f'  <testcase classname="edgec.verify" name="{name}" time="{r["seconds"]}">'
+                             f'<failure message="{msg}"/></testcase>')
+    head = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edgec verify {escape(str(report["target"]))}" '
+            f'tests="{len(cases)}" failures="{failures}">')
+    return "\n".join([head, *cases, "</testsuite>"]) + "\n"
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"### edgec verify: {report['target']} ({'passed' if report['passed'] else 'FAILED'})", "",
+             "| artifact | cosine mean | cosine p1 | agreement | accuracy (teacher) | gates |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        m = r["metrics"]
+        acc = f"{m['accuracy']:.4f} ({m['teacher_accuracy']:.4f})" if "accuracy" in m else "-"
+        gates = ", ".join(("✅ " if g["passed"] else "❌ ") + g["gate"] for g in r["gates"])
+        lines.append(f"| {r['artifact']} | {m['cosine_mean']:.4f} | {m['cosine_p1']:.4f} | "
+                     f"{m.get('agreement', float('nan')):.4f} | {acc} | {gates} |")
+    lines.append(f"\nGolden outputs computed on {report['golden_device']}; {int(report['results'][0]['metrics']['images'])} images.")
+    return "\n".join(lines)
+
+
+def summary_line(report: dict) -> str:
+    parts = []
+    for r in report["results"]:
+        m = r["metrics"]
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("agreement", "accuracy", "cosine_mean", "cosine_p1") if k in m)
+        parts.append(f"{r['artifact']}: {shown} ({r['seconds']}s)")
+    return "; ".join(parts)
+
+
+__all__ = ["verify", "compute_metrics", "check_gates", "golden_inputs", "to_junit", "to_markdown"]

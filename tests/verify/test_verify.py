@@ -1,0 +1,210 @@
+"""golden -> compile --target cpu -> verify, on the example teacher; broken artifacts fail the gates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+from edgec.manifest import sha256_file
+
+from ..conftest import EXAMPLE
+
+runner = CliRunner()
+
+
+def write_project(root: Path, data: Path, teacher: Path = EXAMPLE / "teacher", extra: str = "") -> Path:
+    path = root / "edgec.toml"
+    path.write_text("\n".join([
+        "[model]", f"path = {json.dumps(str(teacher))}",
+        "[student]", 'name = "test_efficientnet"',
+        "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
+        "[distill]", "epochs = 1", "batch_size = 16", "lr = 0.01",
+        "[targets]", f"out = {json.dumps(str(root / 'build'))}",
+    ]) + "\n" + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shapes_data):
+    """A project with its golden set and the teacher compiled for the cpu target."""
+    root = tmp_path_factory.mktemp("proj")
+    config = write_project(root, shapes_data)
+    result = runner.invoke(app, ["golden", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compile", "--target", "cpu", "--no-distill", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return config, root / "build"
+
+
+def copy_target(build: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "build"
+    shutil.copytree(build, dst)
+    return dst / "cpu"
+
+
+def test_golden_set_records_teacher_outputs(built):
+    from edgec.verify.golden import load_golden
+
+    _, build = built
+    golden = load_golden(build / "golden")
+    assert golden.images.dtype == np.uint8 and golden.images.shape == (120, 64, 64, 3)
+    assert golden.image_embeddings.shape == (120, 256) and golden.text_embeddings.shape == (24, 256)
+    np.testing.assert_allclose(np.linalg.norm(golden.image_embeddings, axis=1), 1, atol=1e-5)
+    assert golden.meta["device"] == "cpu" and len(golden.meta["captions"]) == 120
+    assert (golden.label_ids >= 0).all()
+
+
+def test_compile_writes_the_manifest_contract(built):
+    _, build = built
+    folder = build / "cpu"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["schema"] == 1 and manifest["target"] == "cpu"
+    (art,) = manifest["artifacts"]
+    assert art["format"] == "onnx" and art["runtime"] == "onnxruntime" and art["precision"] == "fp32"
+    assert art["sha256"] == sha256_file(folder / art["path"]) and art["bytes"] == (folder / art["path"]).stat().st_size
+    assert manifest["inputs"][0]["preprocess"]["size"] == [64, 64] and manifest["outputs"][0]["normalized"] is True
+    assert manifest["head"]["kind"] == "zero-shot"
+    assert json.loads((folder / "labels.json").read_text())[0] == "blue circle"
+    text = np.load(folder / "text_embeddings.npy")
+    assert text.dtype == np.float16 and text.shape == (24, 256)
+    assert manifest["sources"]["teacher"] and manifest["gates"] == ["agreement>=0.97", "cosine_mean>=0.95"]
+    assert not list(build.glob(".*partial"))
+
+
+def test_verify_passes_and_writes_reports(built, tmp_path, monkeypatch):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    junit = tmp_path / "verify.xml"
+    result = runner.invoke(app, ["verify", str(folder), "--junit", str(junit), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    m = report["results"][0]["metrics"]
+    assert m["images"] == 120 and m["agreement"] == 1.0 and m["cosine_p1"] > 0.9999
+    assert m["accuracy"] == m["teacher_accuracy"] and m["accuracy_delta"] == 0.0
+    assert json.loads((folder / "verify.json").read_text())["passed"] is True
+    assert json.loads((folder / "manifest.json").read_text())["metrics"]["model.fp32.onnx"]["agreement"] == 1.0
+    assert 'tests="2" failures="0"' in junit.read_text()
+    assert "edgec verify: cpu (passed)" in summary.read_text()
+
+
+def _perturb_onnx(path: Path, scale: float) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 1000:
+            init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name))
+    onnx.save(model, str(path))
+
+
+def _rehash(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for art in manifest["artifacts"]:
+        art["sha256"] = sha256_file(folder / art["path"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_perturbed_weights_fail_the_gate(built, tmp_path):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    _perturb_onnx(folder / "model.fp32.onnx", 2.0)
+    _rehash(folder)
+    junit = tmp_path / "j.xml"
+    result = runner.invoke(app, ["verify", str(folder), "--junit", str(junit)])
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: cpu/model.fp32.onnx: gate agreement>=0.97 failed: agreement = 0.")
+    assert "threshold 0.97 (+1 more)" in line and len(line.splitlines()) == 1
+    assert junit.read_text().count("<failure") == 2
+    report = json.loads((folder / "verify.json").read_text())
+    assert report["passed"] is False and report["results"][0]["metrics"]["agreement"] < 0.97
+
+
+def test_wrong_input_scale_fails_the_gate(built, tmp_path):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["inputs"][0]["preprocess"]["std"] = [1.0, 1.0, 1.0]  # pixels fed ~4x too small
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify", str(folder)])
+    assert result.exit_code == 1 and "gate agreement>=0.97 failed" in result.stderr
+
+
+def test_gate_override_on_the_command_line(built, tmp_path):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    assert runner.invoke(app, ["verify", str(folder), "--gate", "cosine_p1>=0.99999"]).exit_code == 0
+    result = runner.invoke(app, ["verify", str(folder), "--gate", "cosine_mean>1.5"])
+    assert result.exit_code == 1 and "gate cosine_mean>1.5 failed" in result.stderr
+    result = runner.invoke(app, ["verify", str(folder), "--gate", "cosine>1"])
+    assert result.exit_code == 2 and "unknown metric" in result.stderr
+
+
+def test_truncated_artifact_and_manifest_mismatch(built, tmp_path):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    data = (folder / "model.fp32.onnx").read_bytes()
+    (folder / "model.fp32.onnx").write_bytes(data[: len(data) // 2])
+    result = runner.invoke(app, ["verify", str(folder)])
+    assert result.exit_code == 2 and "does not match the sha256 in manifest.json" in result.stderr
+    _rehash(folder)  # a truncated file with a matching manifest: the runtime refuses it
+    result = runner.invoke(app, ["verify", str(folder)])
+    assert result.exit_code == 2 and "onnxruntime cannot load" in result.stderr
+
+
+def test_golden_from_another_model_is_refused(built, tmp_path, tiny_edgec, shapes_data):
+    _, build = built
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_project(other, shapes_data, teacher=tiny_edgec)
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["verify", str(build / "cpu"), "--golden", str(other / "build" / "golden")])
+    assert result.exit_code == 2 and "256-d embeddings but the golden set" in result.stderr
+
+
+def test_verify_needs_no_torch_and_exit_3_without_the_runtime(built, tmp_path):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    code = ("import sys; sys.modules['torch'] = None\n{block}"
+            "from edgec.cli import run\nsys.argv = ['edgec', 'verify', sys.argv[1]]\nrun()\n")
+    ok = subprocess.run([sys.executable, "-c", code.format(block=""), str(folder)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "cpu: passed" in ok.stdout
+    missing = subprocess.run([sys.executable, "-c", code.format(block="sys.modules['onnxruntime'] = None\n"), str(folder)],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 3, missing.stderr
+    assert "pip install onnxruntime" in missing.stderr
+
+
+def test_unknown_target_lists_known_ones(built):
+    config, _ = built
+    result = runner.invoke(app, ["compile", "--target", "cpuu", "--config", str(config)])
+    assert result.exit_code == 2 and "unknown target 'cpuu'" in result.stderr and "did you mean 'cpu'" in result.stderr
+
+
+def test_compile_distils_the_missing_student_first(tmp_path, shapes_data):
+    config = write_project(tmp_path, shapes_data)
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["compile", "--target", "cpu", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "no distilled test_efficientnet yet; distilling it first" in result.stdout
+    manifest = json.loads((tmp_path / "build" / "cpu" / "manifest.json").read_text())
+    assert manifest["model"] == "test_efficientnet" and manifest["sources"]["student"]
+    again = runner.invoke(app, ["compile", "--target", "cpu", "--config", str(config), "--no-progress"])
+    assert again.exit_code == 0 and "using the distilled student" in again.stdout
+    verify = runner.invoke(app, ["verify", str(tmp_path / "build" / "cpu"), "--gate", "cosine_mean>=0.0", "--json"])
+    assert verify.exit_code == 0, verify.output
+    assert 0.0 < json.loads(verify.stdout)["results"][0]["metrics"]["cosine_mean"] < 1.0
