@@ -307,6 +307,43 @@ def verify_cmd(
         out.print(f"{report['target']}: passed; {summary_line(report)}", markup=False)
 
 
+@_command("bench")
+def bench_cmd(
+    folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile'.")],
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per artifact.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 10,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Runtime threads (default: all cores).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="edgec.toml: also time its teacher in eager PyTorch.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency (median, p90), throughput, peak memory and size of each artifact -> bench.json."""
+    from .bench import bench
+
+    report = bench(folder, runs=runs, warmup=warmup, threads=threads, teacher_config=teacher,
+                   log=(lambda *_: None) if as_json else (lambda t: out.print(t, markup=False)))
+    if as_json:
+        _emit_json(report)
+    else:
+        out.print(f"wrote {folder / 'bench.json'}", markup=False)
+
+
+@_command("report")
+def report_cmd(
+    folders: Annotated[list[Path], typer.Argument(help="Verified target folders.")],
+    html_out: Annotated[Path, typer.Option("--html", help="Where to write the HTML page.")] = Path("build/report.html"),
+    golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: the one verify used).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One self-contained HTML page: teacher vs every target (accuracy, latency, size, worst images)."""
+    from .verify.report import build_report
+
+    path = build_report(folders, html_out, golden)
+    if as_json:
+        _emit_json({"html": str(path)})
+    else:
+        out.print(f"wrote {path}", markup=False)
+
+
 def _registry_rows(kind: str) -> list[dict]:
     from . import registry
 

@@ -31,6 +31,15 @@ def golden_inputs(golden: Golden, preprocess: Preprocess) -> np.ndarray:
     return preprocess.normalize(images)
 
 
+def per_image(emb: np.ndarray, golden: Golden) -> dict[str, list]:
+    """Per eval image: cosine to the teacher, and both zero-shot predictions (for reports)."""
+    out = {"cosine": [round(float(c), 5) for c in cosine(emb, golden.image_embeddings)]}
+    if golden.text_embeddings is not None:
+        out["pred"] = zero_shot_predictions(emb, golden.text_embeddings).tolist()
+        out["teacher_pred"] = zero_shot_predictions(golden.image_embeddings, golden.text_embeddings).tolist()
+    return out
+
+
 def compute_metrics(emb: np.ndarray, golden: Golden) -> dict[str, float]:
     cos = cosine(emb, golden.image_embeddings)
     m: dict[str, float] = {"images": float(len(emb)), "cosine_mean": float(cos.mean()),
@@ -91,7 +100,7 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
         gate_results = check_gates(metrics, exprs)
         results.append({"artifact": art["path"], "precision": art.get("precision"), "runtime": art["runtime"],
                         "metrics": metrics, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
-                        "seconds": round(seconds, 2)})
+                        "seconds": round(seconds, 2), "per_image": per_image(emb, golden)})
     report = {"schema": 1, "target": manifest.get("target"), "folder": str(folder), "golden": str(golden_dir),
               "golden_device": golden.meta.get("device"), "results": results,
               "passed": all(r["passed"] for r in results)}

@@ -208,3 +208,65 @@ def test_compile_distils_the_missing_student_first(tmp_path, shapes_data):
     verify = runner.invoke(app, ["verify", str(tmp_path / "build" / "cpu"), "--gate", "cosine_mean>=0.0", "--json"])
     assert verify.exit_code == 0, verify.output
     assert 0.0 < json.loads(verify.stdout)["results"][0]["metrics"]["cosine_mean"] < 1.0
+
+
+def test_bench_measures_each_artifact_and_the_teacher(built, tmp_path):
+    config, build = built
+    folder = copy_target(build, tmp_path)
+    result = runner.invoke(app, ["bench", str(folder), "--runs", "5", "--warmup", "1", "--threads", "1",
+                                 "--teacher", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (r,) = report["results"]
+    assert r["runs"] == 5 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
+    assert r["throughput_ips"] == pytest.approx(1000 / r["median_ms"], rel=0.01)
+    assert r["bytes"] == (folder / "model.fp32.onnx").stat().st_size and r["peak_rss_mb"] > 10
+    assert report["teacher"]["median_ms"] > 0 and report["teacher"]["name"] == "shapes-clip-teacher"
+    assert json.loads((folder / "bench.json").read_text())["results"][0]["median_ms"] == r["median_ms"]
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.slow
+def test_html_report_renders_in_chromium(built, tmp_path):
+    import os
+
+    from PIL import Image
+
+    config, build = built
+    folder = copy_target(build, tmp_path)
+    assert runner.invoke(app, ["verify", str(folder)]).exit_code == 0
+    assert runner.invoke(app, ["bench", str(folder), "--runs", "3", "--warmup", "1"]).exit_code == 0
+    html = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(folder), "--html", str(html)])
+    assert result.exit_code == 0, result.output
+    text = html.read_text()
+    assert "src='http" not in text and text.count("data:image/png;base64,") >= 2 + 8  # self-contained
+    assert "artifact: " in text and "teacher: " in text and "pass" in text
+
+    chromium = _chromium()
+    if chromium is None:
+        assert not os.environ.get("CI"), "CI must install Chromium (.ci/run does)"
+        pytest.skip("Chromium is not installed")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1400",
+                           f"--screenshot={shot}", html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), np.float32)
+    assert pixels.shape == (1400, 1200)
+    assert (pixels < 200).mean() > 0.02 and pixels.std() > 20  # text, plots and thumbnails, not a blank page
+
+
+def test_report_needs_verified_folders(built, tmp_path):
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    (folder / "verify.json").unlink(missing_ok=True)
+    result = runner.invoke(app, ["report", str(folder), "--html", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and "has not been verified" in result.stderr

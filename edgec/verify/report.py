@@ -1,0 +1,145 @@
+"""edgec report: one self-contained HTML page comparing the teacher and every target.
+
+Reads each folder's manifest.json, verify.json and bench.json (when present) and the golden
+set; plots (matplotlib, embedded as PNG) accuracy against latency and size, per-class agreement,
+and shows the eval images on which each artifact agrees least with the teacher.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError, require_module
+from ..manifest import atomic_write_text, read_manifest
+from .golden import load_golden
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1d2330;background:#fff}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #dde}
+table{border-collapse:collapse;margin:1rem 0} th,td{padding:.35rem .7rem;border-bottom:1px solid #e4e6ee;text-align:right}
+th:first-child,td:first-child{text-align:left} .pass{color:#137333;font-weight:600} .fail{color:#b3261e;font-weight:600}
+.thumbs{display:flex;flex-wrap:wrap;gap:.6rem} figure{margin:0;width:132px;font-size:.72rem;text-align:center}
+figure img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ccd} .muted{color:#667}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumb(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _read(folder: Path) -> dict:
+    entry = {"folder": folder, "manifest": read_manifest(folder), "verify": None, "bench": None}
+    for name in ("verify", "bench"):
+        path = folder / f"{name}.json"
+        if path.is_file():
+            entry[name] = json.loads(path.read_text())
+    if entry["verify"] is None:
+        raise InputError(f"{folder} has not been verified (no verify.json)", hint=f"run 'edgec verify {folder}' first")
+    return entry
+
+
+def build_report(folders: list[Path], out: Path, golden_dir: Path | None = None) -> Path:
+    require_module("matplotlib", install="matplotlib", purpose="the HTML report's plots")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [_read(Path(f)) for f in folders]
+    golden = load_golden(golden_dir or Path(entries[0]["verify"]["golden"]))
+    labels = golden.labels
+    rows = []
+    for e in entries:
+        bench = {r["artifact"]: r for r in (e["bench"] or {}).get("results", [])}
+        for r in e["verify"]["results"]:
+            rows.append({"target": e["manifest"]["target"], "model": e["manifest"].get("model", ""), **r,
+                         "bench": bench.get(r["artifact"]),
+                         "bytes": next(a["bytes"] for a in e["manifest"]["artifacts"] if a["path"] == r["artifact"])})
+    teacher_bench = next((e["bench"]["teacher"] for e in entries if e["bench"] and e["bench"].get("teacher")), None)
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgec report</title><style>{CSS}</style></head><body>",
+             "<h1>edgec report</h1>",
+             f"<p class='muted'>Teacher {html.escape(golden.meta['teacher']['name'])}; golden outputs on "
+             f"{html.escape(golden.meta['device'])}, {len(golden.images)} eval images, {len(labels)} classes.</p>",
+             "<h2>Targets</h2><table><tr><th>target / artifact</th><th>model</th><th>precision</th><th>agreement</th>"
+             "<th>accuracy</th><th>cosine mean</th><th>cosine p1</th><th>latency ms (median)</th><th>MB</th><th>gates</th></tr>"]
+    teacher_acc = next((r["metrics"].get("teacher_accuracy") for r in rows if "teacher_accuracy" in r["metrics"]), None)
+    if teacher_acc is not None:
+        lat = f"{teacher_bench['median_ms']:.2f}" if teacher_bench else "-"
+        parts.append(f"<tr><td>teacher (full precision)</td><td>{html.escape(golden.meta['teacher']['name'])}</td><td>fp32</td>"
+                     f"<td>1.0000</td><td>{teacher_acc:.4f}</td><td>1.0000</td><td>1.0000</td><td>{lat}</td><td>-</td><td></td></tr>")
+    for r in rows:
+        m = r["metrics"]
+        ok = "<span class='pass'>pass</span>" if r["passed"] else "<span class='fail'>FAIL</span>"
+        lat = f"{r['bench']['median_ms']:.2f}" if r["bench"] else "-"
+        parts.append(f"<tr><td>{html.escape(r['target'])} / {html.escape(r['artifact'])}</td><td>{html.escape(r['model'])}</td>"
+                     f"<td>{r['precision']}</td><td>{m.get('agreement', float('nan')):.4f}</td>"
+                     f"<td>{m.get('accuracy', float('nan')):.4f}</td><td>{m['cosine_mean']:.4f}</td><td>{m['cosine_p1']:.4f}</td>"
+                     f"<td>{lat}</td><td>{r['bytes'] / 1e6:.2f}</td><td>{ok}</td></tr>")
+    parts.append("</table>")
+
+    # accuracy vs latency (marker area ~ size)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for r in rows:
+        x = r["bench"]["median_ms"] if r["bench"] else None
+        y = r["metrics"].get("agreement", r["metrics"]["cosine_mean"])
+        if x is not None:
+            ax.scatter(x, y, s=30 + r["bytes"] / 1e5, alpha=0.7)
+            ax.annotate(f"{r['target']}/{r['precision']}", (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if teacher_bench:
+        ax.scatter(teacher_bench["median_ms"], 1.0, marker="*", s=160, color="black")
+        ax.annotate("teacher (eager)", (teacher_bench["median_ms"], 1.0), fontsize=8, xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel("latency, median ms (batch 1)")
+    ax.set_ylabel("zero-shot agreement with teacher")
+    ax.set_title("agreement vs latency (marker area ~ artifact size)", fontsize=10)
+    ax.grid(alpha=0.3)
+    parts.append(f"<h2>Agreement, latency, size</h2><img alt='agreement vs latency' src='{_png(fig)}'>")
+    plt.close(fig)
+    if not any(r["bench"] for r in rows):
+        parts.append("<p class='muted'>No bench.json yet: run 'edgec bench DIR' for latencies.</p>")
+
+    # per-class agreement
+    if labels and all("pred" in r["per_image"] for r in rows):
+        y = golden.label_ids
+        fig, ax = plt.subplots(figsize=(max(6.5, 0.32 * len(labels)), 3.4))
+        width = 0.8 / max(1, len(rows))
+        for i, r in enumerate(rows):
+            pred, ref = np.asarray(r["per_image"]["pred"]), np.asarray(r["per_image"]["teacher_pred"])
+            per_class = [float(np.mean(pred[y == c] == ref[y == c])) if (y == c).any() else np.nan for c in range(len(labels))]
+            ax.bar(np.arange(len(labels)) + i * width, per_class, width, label=f"{r['target']}/{r['precision']}")
+        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("agreement")
+        ax.legend(fontsize=7)
+        parts.append(f"<h2>Per-class agreement</h2><img alt='per-class agreement' src='{_png(fig)}'>")
+        plt.close(fig)
+
+    # worst-agreeing images per artifact
+    for r in rows:
+        cos = np.asarray(r["per_image"]["cosine"])
+        worst = np.argsort(cos)[:8]
+        parts.append(f"<h2>Least agreement: {html.escape(r['target'])} / {html.escape(r['artifact'])}</h2><div class='thumbs'>")
+        for i in worst:
+            caption = f"cos {cos[i]:.3f}"
+            if "pred" in r["per_image"] and labels:
+                p, t = r["per_image"]["pred"][i], r["per_image"]["teacher_pred"][i]
+                caption += f"<br>artifact: {html.escape(labels[p])}<br>teacher: {html.escape(labels[t])}"
+            parts.append(f"<figure><img alt='eval image {i}' src='{_thumb(golden.images[i])}'><figcaption>{caption}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return atomic_write_text(out, "\n".join(parts))
