@@ -270,3 +270,28 @@ def test_report_needs_verified_folders(built, tmp_path):
     (folder / "verify.json").unlink(missing_ok=True)
     result = runner.invoke(app, ["report", str(folder), "--html", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and "has not been verified" in result.stderr
+
+
+@pytest.mark.slow
+def test_base_install_without_torch_verifies_onnx(built, tmp_path):
+    """pip install edgec (no extras) into a fresh venv: no torch, and verify/inspect/bench still work."""
+    from ..conftest import REPO
+
+    _, build = built
+    folder = copy_target(build, tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    install = subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-2000:]
+    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0
+    edgec = str(venv / "bin" / "edgec")
+    verify = subprocess.run([edgec, "verify", str(folder)], capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stderr
+    assert "cpu: passed" in verify.stdout and "agreement 1.0000" in verify.stdout
+    inspect = subprocess.run([edgec, "inspect", str(folder / "model.fp32.onnx"), "--json"], capture_output=True, text=True)
+    assert inspect.returncode == 0 and json.loads(inspect.stdout)["inputs"][0]["name"] == "pixels"
+    bench = subprocess.run([edgec, "bench", str(folder), "--runs", "3", "--warmup", "1"], capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr
+    targets = subprocess.run([edgec, "targets", "--json"], capture_output=True, text=True)
+    assert "cpu" in {t["name"] for t in json.loads(targets.stdout)}  # target files ship inside the wheel
