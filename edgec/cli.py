@@ -344,6 +344,32 @@ def report_cmd(
         out.print(f"wrote {path}", markup=False)
 
 
+@_command("doctor")
+def doctor_cmd(as_json: JsonOpt = False) -> None:
+    """Installed compilers and runtimes, which targets can be built and verified here, what to install."""
+    from .doctor import diagnose
+
+    info = diagnose()
+    if as_json:
+        _emit_json(info)
+        return
+    table = Table("package", "version", "for")
+    for p in info["packages"]:
+        table.add_row(p["package"], p["version"] or "[dim]not installed[/dim]", p["for"])
+    out.print(table)
+    for t in info["tools"]:
+        out.print(f"{t['tool']}: {t['path'] or 'not on PATH'} ({t['for']})", markup=False)
+    out.print(f"CUDA: {info['cuda'] or 'not available'}", markup=False)
+    table = Table("target", "build", "verify", "to install")
+    for t in info["targets"]:
+        need = sorted(set(t["missing_for_build"]) | set(t["missing_for_verify"]))
+        table.add_row(t["target"], "yes" if t["can_build"] else "no", "yes" if t["can_verify"] else "no",
+                      ", ".join(need) or (t["note"] or "-"))
+    out.print(table)
+    for note in info["notes"]:
+        out.print(f"note: {note}", markup=False)
+
+
 def _registry_rows(kind: str) -> list[dict]:
     from . import registry
 

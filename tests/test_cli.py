@@ -50,3 +50,17 @@ def test_cli_imports_no_torch_for_light_commands():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     proc = subprocess.run([sys.executable, "-m", "edgec.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+def test_doctor_reports_the_toolchain():
+    import json
+
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    versions = {p["package"]: p["version"] for p in info["packages"]}
+    assert versions["torch"] and versions["onnxruntime"] and versions["timm"]
+    cpu = next(t for t in info["targets"] if t["target"] == "cpu")
+    assert cpu["can_build"] and cpu["can_verify"] and not cpu["missing_for_build"]
+    table = runner.invoke(app, ["doctor"])
+    assert table.exit_code == 0 and "onnxruntime" in table.stdout and "cpu" in table.stdout

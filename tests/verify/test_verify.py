@@ -295,3 +295,6 @@ def test_base_install_without_torch_verifies_onnx(built, tmp_path):
     assert bench.returncode == 0, bench.stderr
     targets = subprocess.run([edgec, "targets", "--json"], capture_output=True, text=True)
     assert "cpu" in {t["name"] for t in json.loads(targets.stdout)}  # target files ship inside the wheel
+    doctor = json.loads(subprocess.run([edgec, "doctor", "--json"], capture_output=True, text=True).stdout)
+    cpu = next(t for t in doctor["targets"] if t["target"] == "cpu")
+    assert cpu["can_verify"] is True and cpu["can_build"] is False and "torch" in cpu["missing_for_build"]
