@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,8 @@ import numpy as np
 from . import registry
 from .config import EdgecConfig, ModelSection
 from .errors import InputError
-from .manifest import atomic_write_bytes, atomic_write_json, file_record, sha256_file, staged_dir
+from .manifest import atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, sha256_file, staged_dir
+from .quantize.calibration import CalibrationSpec
 
 SCHEMA = 1
 
@@ -37,6 +40,11 @@ class CompileConfig:
     device: str | None = None
     config_sha256: str | None = None
     gates: tuple[str, ...] = ()  # empty: the target file's gates
+    calibration: CalibrationSpec | None = None
+    method: str = "minmax"
+    percentile: float = 99.999
+    golden: Path | None = None  # needed to pick the fastest passing precision
+    trt_version: int = 100300
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -100,17 +108,31 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
 
     h, w = preprocess.size
     shape = (1, 3, h, w) if target.layout == "NCHW" else (1, h, w, 3)
-    artifacts, io_records = [], None
     with staged_dir(config.out) as tmp:
+        work = tmp / ".candidates"
+        work.mkdir()
+        fp32 = work / "model.fp32.onnx"
+        with torch.no_grad():
+            io_records = backend.export(encoder.eval(), shape, fp32, dynamic_batch=not target.constraints.static_shapes)
+        log(f"{config.target}: exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
+        candidates: dict[str, Path] = {}
         for precision in target.precisions:
-            if precision != "fp32":
+            if precision == "fp32":
+                candidates["fp32"] = fp32
+            elif precision == "int8":
+                candidates["int8"], sources["calibration"] = _int8_onnx(config, entry, fp32, work, preprocess, tmp, log)
+            else:
                 raise InputError(f"target {config.target}: precision {precision!r} is not implemented by this edgec yet",
-                                 hint=f"edit {entry.path} to list fp32 only")
-            path = tmp / f"model.{precision}.onnx"
-            with torch.no_grad():
-                io_records = backend.export(encoder.eval(), shape, path, dynamic_batch=not target.constraints.static_shapes)
-            artifacts.append(file_record(path, tmp, format="onnx", runtime=target.runtime, precision=precision))
-            log(f"{config.target}: exported {path.name} ({path.stat().st_size / 1e6:.2f} MB)")
+                                 hint=f"list fp32 or int8 in {entry.path}")
+        gates = list(config.gates) or list(target.gates)
+        selection = _select(candidates, target, gates, config, preprocess, log)
+        chosen = candidates[selection["chosen"]]
+        shipped = tmp / chosen.name
+        chosen.replace(shipped)
+        shutil.rmtree(work)
+        if selection["chosen"] != "int8":
+            (tmp / "calibration.cache").unlink(missing_ok=True)  # only meaningful beside an int8 artifact
+        artifacts = [file_record(shipped, tmp, format="onnx", runtime=target.runtime, precision=selection["chosen"])]
         head = None
         if text is not None:
             atomic_write_json(tmp / "labels.json", labels)
@@ -132,11 +154,66 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
             "sources": sources,
             "versions": _versions("onnx"),
             "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1)},
-            "gates": list(config.gates) or list(target.gates),
+            "gates": gates,
+            "selection": selection,
             "metrics": None,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return CompileOutputs(config.out, manifest)
+
+
+def _int8_onnx(config: CompileConfig, entry, fp32: Path, work: Path, preprocess, tmp: Path, log) -> tuple[Path, str]:
+    from .quantize.calibration import load_calibration
+    from .quantize.onnx_qdq import quantize_onnx
+
+    if config.calibration is None:
+        raise InputError(f"target {config.target} builds int8 and needs calibration images",
+                         hint="set [calibration] path in edgec.toml (an image folder, a list of paths or a captions.jsonl)")
+    calib = load_calibration(config.calibration, preprocess)
+    q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=config.method, percentile=config.percentile,
+                      trt_version=config.trt_version)
+    atomic_write_text(tmp / "calibration.cache", q.trt_cache)
+    log(f"{config.target}: int8 Q/DQ ONNX, {config.method} ranges from {len(calib)} calibration images, "
+        f"{q.qdq_pairs} Q/DQ pairs ({q.path.stat().st_size / 1e6:.2f} MB); TensorRT calibration cache written")
+    return q.path, calib.sha256
+
+
+def _select(candidates: dict[str, Path], target, gates: list[str], config: CompileConfig, preprocess, log) -> dict:
+    """'fastest-passing': time and verify every candidate here, ship the fastest that passes the gates.
+    'first': ship the first precision listed (targets whose runtime cannot be measured on this machine)."""
+    names = list(candidates)
+    if target.select == "first" or len(names) == 1 and config.golden is None:
+        return {"policy": "first", "chosen": names[0], "candidates": [{"precision": n} for n in names]}
+    from .bench import measure_artifact
+    from .verify.golden import load_golden
+    from .verify.run import check_gates, compute_metrics, golden_inputs
+
+    if config.golden is None:
+        raise InputError(f"target {config.target} picks the fastest passing precision and needs the golden set",
+                         hint="run 'edgec golden' first")
+    golden = load_golden(config.golden)
+    x = golden_inputs(golden, preprocess)
+    from .runtime.runners import open_runner
+
+    rows = []
+    for name, path in candidates.items():
+        metrics = compute_metrics(open_runner(path, target.runtime)(x), golden)
+        timing = measure_artifact(path, target.runtime, [1, *x.shape[1:]], os.cpu_count() or 1, runs=30, warmup=5)
+        results = check_gates(metrics, gates)
+        rows.append({"precision": name, "bytes": path.stat().st_size, "median_ms": timing["median_ms"],
+                     "metrics": {k: metrics[k] for k in ("agreement", "cosine_mean", "cosine_p1", "accuracy") if k in metrics},
+                     "passed": all(r["passed"] for r in results)})
+        log(f"{config.target}: candidate {name}: {timing['median_ms']:.2f} ms, "
+            + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1]["metrics"].items()) + (" (passes)" if rows[-1]["passed"] else " (fails gates)"))
+    passing = [r for r in rows if r["passed"]]
+    if not passing:
+        from .errors import GateFailed
+
+        raise GateFailed(f"target {config.target}: no candidate precision passes the gates {gates}",
+                         hint="see the candidate lines above; distil longer or relax the gates")
+    chosen = min(passing, key=lambda r: r["median_ms"])["precision"]
+    log(f"{config.target}: shipping {chosen} (fastest that passes)")
+    return {"policy": "fastest-passing", "chosen": chosen, "candidates": rows}
 
 
 def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = False, out: Path | None = None,
@@ -161,8 +238,25 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
             student_dir = distill(dcfg, progress=progress, log=log).student
     head_data = cfg.resolve(cfg.data.eval or cfg.data.train)
     config_sha = sha256_file(config_path) if config_path and config_path.is_file() else None
+    calibration = None
+    if cfg.calibration.path:
+        calibration = CalibrationSpec(cfg.resolve(cfg.calibration.path), cfg.calibration.num_images,
+                                      cfg.calibration.min_images, cfg.calibration.seed, cfg.data.max_bad_fraction)
+    golden = build / "golden"
+    spec = registry.get("targets", target).spec
+    if spec.select == "fastest-passing" and len(spec.precisions) > 1 and not (golden / "golden.json").is_file():
+        if cfg.data.eval is None:
+            raise InputError(f"target {target} measures its candidates against the golden set, which needs [data] eval")
+        from .verify.golden import GoldenConfig, build_golden
+
+        log(f"{target}: no golden set yet; computing it first")
+        build_golden(GoldenConfig(teacher=teacher, eval=cfg.resolve(cfg.data.eval), out=golden,
+                                  prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions,
+                                  max_bad_fraction=cfg.data.max_bad_fraction), log=log)
     ccfg = CompileConfig(target=target, out=out or build / target, teacher=teacher,
                          source="teacher" if no_distill else "student", student=student_dir, head_data=head_data,
                          prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions, device=cfg.targets.device,
-                         config_sha256=config_sha, gates=tuple(cfg.gates_for(target)))
+                         config_sha256=config_sha, gates=tuple(cfg.gates_for(target)), calibration=calibration,
+                         method=cfg.quantize.method, percentile=cfg.quantize.percentile,
+                         golden=golden if (golden / "golden.json").is_file() else None)
     return run(ccfg, log=log)

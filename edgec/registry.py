@@ -48,6 +48,9 @@ class TargetSpec:
     requires: list[str] = doc(help="Python modules needed to build", factory=list)
     constraints: Constraints = doc(help="what the target's hardware accepts", factory=Constraints)
     gates: list[str] = doc(help="default verification gates", factory=lambda: ["agreement>=0.97"])
+    select: Literal["fastest-passing", "first"] = doc(
+        "first", help="fastest-passing: time and verify every precision here, ship the fastest that passes the gates; "
+                      "first: ship the first precision (runtimes that cannot be measured on the build machine)")
     version: int = doc(1, help="schema version")
 
     def __post_init__(self) -> None:

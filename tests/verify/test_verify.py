@@ -27,6 +27,7 @@ def write_project(root: Path, data: Path, teacher: Path = EXAMPLE / "teacher", e
         "[student]", 'name = "test_efficientnet"',
         "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
         "[distill]", "epochs = 1", "batch_size = 16", "lr = 0.01",
+        "[calibration]", f"path = {json.dumps(str(data / 'train'))}", "num_images = 32",
         "[targets]", f"out = {json.dumps(str(root / 'build'))}",
     ]) + "\n" + extra)
     return path
@@ -68,7 +69,15 @@ def test_compile_writes_the_manifest_contract(built):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["schema"] == 1 and manifest["target"] == "cpu"
     (art,) = manifest["artifacts"]
-    assert art["format"] == "onnx" and art["runtime"] == "onnxruntime" and art["precision"] == "fp32"
+    selection = manifest["selection"]
+    assert selection["policy"] == "fastest-passing" and [c["precision"] for c in selection["candidates"]] == ["int8", "fp32"]
+    for c in selection["candidates"]:  # both measured here: the int8 Q/DQ model keeps the teacher's decisions
+        assert c["passed"] and c["median_ms"] > 0 and c["metrics"]["agreement"] >= 0.97 and c["metrics"]["cosine_mean"] > 0.99
+    fastest = min(selection["candidates"], key=lambda c: c["median_ms"])
+    assert art["precision"] == selection["chosen"] == fastest["precision"]
+    assert art["path"] == f"model.{art['precision']}.onnx" and art["format"] == "onnx" and art["runtime"] == "onnxruntime"
+    assert (folder / "calibration.cache").is_file() == (art["precision"] == "int8")
+    assert manifest["sources"]["calibration"]
     assert art["sha256"] == sha256_file(folder / art["path"]) and art["bytes"] == (folder / art["path"]).stat().st_size
     assert manifest["inputs"][0]["preprocess"]["size"] == [64, 64] and manifest["outputs"][0]["normalized"] is True
     assert manifest["head"]["kind"] == "zero-shot"
@@ -89,12 +98,16 @@ def test_verify_passes_and_writes_reports(built, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     m = report["results"][0]["metrics"]
-    assert m["images"] == 120 and m["agreement"] == 1.0 and m["cosine_p1"] > 0.9999
-    assert m["accuracy"] == m["teacher_accuracy"] and m["accuracy_delta"] == 0.0
+    assert m["images"] == 120 and m["agreement"] >= 0.97 and m["cosine_p1"] > 0.99
+    assert abs(m["accuracy_delta"]) <= 0.03
     assert json.loads((folder / "verify.json").read_text())["passed"] is True
-    assert json.loads((folder / "manifest.json").read_text())["metrics"]["model.fp32.onnx"]["agreement"] == 1.0
+    assert json.loads((folder / "manifest.json").read_text())["metrics"][_artifact(folder).name]["agreement"] >= 0.97
     assert 'tests="2" failures="0"' in junit.read_text()
     assert "edgec verify: cpu (passed)" in summary.read_text()
+
+
+def _artifact(folder: Path) -> Path:
+    return folder / json.loads((folder / "manifest.json").read_text())["artifacts"][0]["path"]
 
 
 def _perturb_onnx(path: Path, scale: float) -> None:
@@ -120,13 +133,13 @@ def _rehash(folder: Path) -> None:
 def test_perturbed_weights_fail_the_gate(built, tmp_path):
     _, build = built
     folder = copy_target(build, tmp_path)
-    _perturb_onnx(folder / "model.fp32.onnx", 2.0)
+    _perturb_onnx(_artifact(folder), 2.0)
     _rehash(folder)
     junit = tmp_path / "j.xml"
     result = runner.invoke(app, ["verify", str(folder), "--junit", str(junit)])
     assert result.exit_code == 1, result.output
     line = result.stderr.strip()
-    assert line.startswith("error: cpu/model.fp32.onnx: gate agreement>=0.97 failed: agreement = 0.")
+    assert line.startswith(f"error: cpu/{_artifact(folder).name}: gate agreement>=0.97 failed: agreement = 0.")
     assert "threshold 0.97 (+1 more)" in line and len(line.splitlines()) == 1
     assert junit.read_text().count("<failure") == 2
     report = json.loads((folder / "verify.json").read_text())
@@ -146,7 +159,7 @@ def test_wrong_input_scale_fails_the_gate(built, tmp_path):
 def test_gate_override_on_the_command_line(built, tmp_path):
     _, build = built
     folder = copy_target(build, tmp_path)
-    assert runner.invoke(app, ["verify", str(folder), "--gate", "cosine_p1>=0.99999"]).exit_code == 0
+    assert runner.invoke(app, ["verify", str(folder), "--gate", "cosine_p1>=0.99"]).exit_code == 0
     result = runner.invoke(app, ["verify", str(folder), "--gate", "cosine_mean>1.5"])
     assert result.exit_code == 1 and "gate cosine_mean>1.5 failed" in result.stderr
     result = runner.invoke(app, ["verify", str(folder), "--gate", "cosine>1"])
@@ -156,8 +169,8 @@ def test_gate_override_on_the_command_line(built, tmp_path):
 def test_truncated_artifact_and_manifest_mismatch(built, tmp_path):
     _, build = built
     folder = copy_target(build, tmp_path)
-    data = (folder / "model.fp32.onnx").read_bytes()
-    (folder / "model.fp32.onnx").write_bytes(data[: len(data) // 2])
+    data = _artifact(folder).read_bytes()
+    _artifact(folder).write_bytes(data[: len(data) // 2])
     result = runner.invoke(app, ["verify", str(folder)])
     assert result.exit_code == 2 and "does not match the sha256 in manifest.json" in result.stderr
     _rehash(folder)  # a truncated file with a matching manifest: the runtime refuses it
@@ -196,7 +209,7 @@ def test_unknown_target_lists_known_ones(built):
 
 
 def test_compile_distils_the_missing_student_first(tmp_path, shapes_data):
-    config = write_project(tmp_path, shapes_data)
+    config = write_project(tmp_path, shapes_data, extra='[gates]\ncpu = ["cosine_mean>=0.0"]\n')
     assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
     result = runner.invoke(app, ["compile", "--target", "cpu", "--config", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -220,7 +233,7 @@ def test_bench_measures_each_artifact_and_the_teacher(built, tmp_path):
     (r,) = report["results"]
     assert r["runs"] == 5 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
     assert r["throughput_ips"] == pytest.approx(1000 / r["median_ms"], rel=0.01)
-    assert r["bytes"] == (folder / "model.fp32.onnx").stat().st_size and r["peak_rss_mb"] > 10
+    assert r["bytes"] == _artifact(folder).stat().st_size and r["peak_rss_mb"] > 10
     assert report["teacher"]["median_ms"] > 0 and report["teacher"]["name"] == "shapes-clip-teacher"
     assert json.loads((folder / "bench.json").read_text())["results"][0]["median_ms"] == r["median_ms"]
 
@@ -288,8 +301,8 @@ def test_base_install_without_torch_verifies_onnx(built, tmp_path):
     edgec = str(venv / "bin" / "edgec")
     verify = subprocess.run([edgec, "verify", str(folder)], capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stderr
-    assert "cpu: passed" in verify.stdout and "agreement 1.0000" in verify.stdout
-    inspect = subprocess.run([edgec, "inspect", str(folder / "model.fp32.onnx"), "--json"], capture_output=True, text=True)
+    assert "cpu: passed" in verify.stdout and "agreement " in verify.stdout
+    inspect = subprocess.run([edgec, "inspect", str(_artifact(folder)), "--json"], capture_output=True, text=True)
     assert inspect.returncode == 0 and json.loads(inspect.stdout)["inputs"][0]["name"] == "pixels"
     bench = subprocess.run([edgec, "bench", str(folder), "--runs", "3", "--warmup", "1"], capture_output=True, text=True)
     assert bench.returncode == 0, bench.stderr
@@ -298,3 +311,22 @@ def test_base_install_without_torch_verifies_onnx(built, tmp_path):
     doctor = json.loads(subprocess.run([edgec, "doctor", "--json"], capture_output=True, text=True).stdout)
     cpu = next(t for t in doctor["targets"] if t["target"] == "cpu")
     assert cpu["can_verify"] is True and cpu["can_build"] is False and "torch" in cpu["missing_for_build"]
+
+
+def test_no_passing_candidate_fails_compile_and_writes_nothing(tmp_path, shapes_data):
+    config = write_project(tmp_path, shapes_data, extra='[gates]\ncpu = ["agreement>1"]\n')
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["compile", "--target", "cpu", "--no-distill", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "no candidate precision passes the gates" in result.stderr
+    assert not (tmp_path / "build" / "cpu").exists() and not list((tmp_path / "build").glob(".cpu*"))
+
+
+def test_int8_needs_calibration_images(tmp_path, shapes_data):
+    config = write_project(tmp_path, shapes_data)
+    config.write_text(config.read_text().replace("[calibration]", "[calibration.off]").replace(
+        f"path = {json.dumps(str(shapes_data / 'train'))}\nnum_images = 32\n", ""))
+    config.write_text("\n".join(ln for ln in config.read_text().splitlines() if "calibration.off" not in ln) + "\n")
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["compile", "--target", "cpu", "--no-distill", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 2 and "needs calibration images" in result.stderr and "[calibration] path" in result.stderr
