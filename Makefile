@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 EXAMPLE := examples/shapes-clip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test teacher clean
+.PHONY: install demo test bench teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The example end to end: data, teacher check, golden outputs, distil + compile for the CPU,
+# verify against the golden set, HTML report. The first run distils the student (about 10 min
+# on 2 cores); later runs reuse it.
 demo: $(STAMP)
-	$(BIN)/python $(EXAMPLE)/make_data.py --splits eval calibration
-	$(BIN)/edgec inspect $(EXAMPLE)/teacher
+	$(BIN)/python $(EXAMPLE)/make_data.py
 	$(BIN)/python $(EXAMPLE)/evaluate.py
+	cd $(EXAMPLE) && ../../$(BIN)/edgec inspect
+	cd $(EXAMPLE) && ../../$(BIN)/edgec golden
+	cd $(EXAMPLE) && ../../$(BIN)/edgec compile --target cpu
+	cd $(EXAMPLE) && ../../$(BIN)/edgec verify build/cpu
+	cd $(EXAMPLE) && ../../$(BIN)/edgec bench build/cpu --runs 30 --teacher edgec.toml
+	cd $(EXAMPLE) && ../../$(BIN)/edgec report build/cpu --html build/report.html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Speed and size live here, not in timed tests: rebuild the example's cpu target, time it and the
+# teacher, and rewrite BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python $(EXAMPLE)/make_data.py
+	cd $(EXAMPLE) && ../../$(BIN)/edgec golden
+	cd $(EXAMPLE) && ../../$(BIN)/edgec compile --target cpu
+	cd $(EXAMPLE) && ../../$(BIN)/edgec verify build/cpu
+	cd $(EXAMPLE) && ../../$(BIN)/edgec bench build/cpu --runs 100 --warmup 20 --teacher edgec.toml
+	cd $(EXAMPLE) && ../../$(BIN)/edgec report build/cpu --html build/report.html --benchmarks ../../BENCHMARKS.md
 
 # Rebuild the example teacher from scratch (data + training); see examples/shapes-clip/README.md.
 teacher: $(STAMP)

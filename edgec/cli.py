@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EdgecError
+from .errors import EdgecError
 
 app = typer.Typer(
     name="edgec",
@@ -38,6 +38,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output o
 
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _logger(quiet: bool):
+    """Progress lines for the console, silenced when the command's output is JSON."""
+    return (lambda *_: None) if quiet else (lambda text: out.print(text, markup=False))
 
 
 def _command(*args: Any, target: typer.Typer = app, **kwargs: Any):
@@ -217,7 +222,7 @@ def distill_cmd(
 
     cfg = DistillConfig.from_edgec(load_config(config), target=target, student=student, out=out_dir,
                                    epochs=epochs, batch_size=batch_size, lr=lr)
-    log = (lambda *a, **k: None) if as_json else (lambda text: out.print(text, markup=False))
+    log = _logger(as_json)
     result = run(cfg, resume=resume, progress=progress and not as_json, log=log)
     if as_json:
         _emit_json(result.manifest)
@@ -248,7 +253,7 @@ def golden_cmd(
     gcfg = GoldenConfig(teacher=dc.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=cfg.resolve(cfg.data.eval),
                         out=out_dir or cfg.resolve(cfg.targets.out) / "golden", prompts=tuple(cfg.data.prompts),
                         captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
-    path = build_golden(gcfg, log=(lambda *_: None) if as_json else (lambda t: out.print(t, markup=False)))
+    path = build_golden(gcfg, log=_logger(as_json))
     if as_json:
         _emit_json({"golden": str(path), **load_golden(path).meta})
     else:
@@ -257,7 +262,8 @@ def golden_cmd(
 
 @_command("compile")
 def compile_cmd(
-    target: Annotated[str, typer.Option("--target", "-t", help="A target from 'edgec targets', or 'all' ([targets] build).")],
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="A target from 'edgec targets', or 'all' ([targets] build).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="A device from 'edgec devices': picks its target, checks its constraints.")] = None,
     config: ConfigOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/<target>).")] = None,
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Compile the teacher's image tower as it is.")] = False,
@@ -269,14 +275,20 @@ def compile_cmd(
     from .config import DEFAULT_CONFIG, load_config
 
     cfg = load_config(config)
+    if target is None:
+        if device is None:
+            raise EdgecError("give --target (see 'edgec targets') or --device (see 'edgec devices')")
+        from . import registry
+
+        target = registry.get("devices", device).spec.target
     targets = cfg.targets.build if target == "all" else [target]
     if out_dir is not None and len(targets) > 1:
         raise EdgecError("--out names one folder; with --target all each target goes to <build>/<target>")
-    log = (lambda *_: None) if as_json else (lambda t: out.print(t, markup=False))
+    log = _logger(as_json)
     results = []
     for name in targets:
         res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
-                                  progress=progress and not as_json, log=log)
+                                  progress=progress and not as_json, device=device, log=log)
         results.append(res)
         if not as_json:
             files = ", ".join(a["path"] for a in res.manifest["artifacts"])
@@ -320,7 +332,7 @@ def bench_cmd(
     from .bench import bench
 
     report = bench(folder, runs=runs, warmup=warmup, threads=threads, teacher_config=teacher,
-                   log=(lambda *_: None) if as_json else (lambda t: out.print(t, markup=False)))
+                   log=_logger(as_json))
     if as_json:
         _emit_json(report)
     else:
@@ -332,12 +344,18 @@ def report_cmd(
     folders: Annotated[list[Path], typer.Argument(help="Verified target folders.")],
     html_out: Annotated[Path, typer.Option("--html", help="Where to write the HTML page.")] = Path("build/report.html"),
     golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: the one verify used).")] = None,
+    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", help="Also write the Markdown benchmark tables here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One self-contained HTML page: teacher vs every target (accuracy, latency, size, worst images)."""
-    from .verify.report import build_report
+    from .manifest import atomic_write_text
+    from .verify.report import benchmarks_markdown, build_report
 
     path = build_report(folders, html_out, golden)
+    if benchmarks is not None:
+        atomic_write_text(benchmarks, benchmarks_markdown(folders))
+        if not as_json:
+            out.print(f"wrote {benchmarks}", markup=False)
     if as_json:
         _emit_json({"html": str(path)})
     else:
@@ -446,4 +464,4 @@ def run() -> None:
 if __name__ == "__main__":  # pragma: no cover
     run()
 
-__all__ = ["app", "run", "EXIT_BAD_INPUT"]
+__all__ = ["app", "run"]

@@ -108,31 +108,45 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
 
     h, w = preprocess.size
     shape = (1, 3, h, w) if target.layout == "NCHW" else (1, h, w, 3)
+    calib_cache: dict = {}
+
+    def calibration(layout: str | None = None):
+        from .quantize.calibration import load_calibration
+
+        if config.calibration is None:
+            raise InputError(f"target {config.target} builds int8 and needs calibration images",
+                             hint="set [calibration] path in edgec.toml (an image folder, a list of paths or a captions.jsonl)")
+        if "set" not in calib_cache:
+            calib_cache["set"] = load_calibration(config.calibration, preprocess)
+        return calib_cache["set"]
+
+    def blog(text: str) -> None:
+        log(f"{config.target}: {text}")
+
     with staged_dir(config.out) as tmp:
         work = tmp / ".candidates"
         work.mkdir()
-        fp32 = work / "model.fp32.onnx"
-        with torch.no_grad():
-            io_records = backend.export(encoder.eval(), shape, fp32, dynamic_batch=not target.constraints.static_shapes)
-        log(f"{config.target}: exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
-        candidates: dict[str, Path] = {}
-        for precision in target.precisions:
-            if precision == "fp32":
-                candidates["fp32"] = fp32
-            elif precision == "int8":
-                candidates["int8"], sources["calibration"] = _int8_onnx(config, entry, fp32, work, preprocess, tmp, log)
-            else:
-                raise InputError(f"target {config.target}: precision {precision!r} is not implemented by this edgec yet",
-                                 hint=f"list fp32 or int8 in {entry.path}")
+        built = backend.build(encoder.eval(), shape, spec=target, work=work, calibration=calibration, method=config.method,
+                              percentile=config.percentile, trt_version=config.trt_version, log=blog)
+        sources["calibration"] = built.calibration_sha256
         gates = list(config.gates) or list(target.gates)
-        selection = _select(candidates, target, gates, config, preprocess, log)
-        chosen = candidates[selection["chosen"]]
+        selection = _select(built.candidates, target, gates, config, preprocess, log)
+        chosen = built.candidates[selection["chosen"]]
         shipped = tmp / chosen.name
         chosen.replace(shipped)
         shutil.rmtree(work)
-        if selection["chosen"] != "int8":
-            (tmp / "calibration.cache").unlink(missing_ok=True)  # only meaningful beside an int8 artifact
-        artifacts = [file_record(shipped, tmp, format="onnx", runtime=target.runtime, precision=selection["chosen"])]
+        for name, content in built.files.items():
+            if name == "calibration.cache" and selection["chosen"] != "int8":
+                continue  # only meaningful beside an int8 artifact
+            atomic_write_text(tmp / name, content)
+        artifacts = [file_record(shipped, tmp, format=built.format, runtime=target.runtime, precision=selection["chosen"])]
+        io_records = built.io
+        if built.format == "tflite":
+            io_records = backend.tensor_records(shipped, normalized=target.normalize_output)
+        engine = None
+        if target.runtime == "tensorrt":
+            engine = _tensorrt_recipe(tmp, shipped, selection["chosen"], config)
+        accelerator = _accelerator_report(target, built, selection["chosen"], shipped, tmp, log)
         head = None
         if text is not None:
             atomic_write_json(tmp / "labels.json", labels)
@@ -152,30 +166,64 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
             "outputs": io_records["outputs"],
             "head": head,
             "sources": sources,
-            "versions": _versions("onnx"),
+            "versions": _versions("onnx", "onnxruntime") if built.format == "onnx" else
+                        _versions("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
             "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1)},
             "gates": gates,
             "selection": selection,
+            "tensorrt": engine,
+            "ops": accelerator,
             "metrics": None,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return CompileOutputs(config.out, manifest)
 
 
-def _int8_onnx(config: CompileConfig, entry, fp32: Path, work: Path, preprocess, tmp: Path, log) -> tuple[Path, str]:
-    from .quantize.calibration import load_calibration
-    from .quantize.onnx_qdq import quantize_onnx
+def _tensorrt_recipe(folder: Path, onnx_file: Path, precision: str, config: CompileConfig) -> dict:
+    """build_engine.sh with the trtexec command; engines are specific to the TensorRT version and GPU,
+    so they are built on the device. Returns the manifest's 'tensorrt' record."""
+    flags = ["--int8", "--fp16"] if precision == "int8" else ["--fp16"] if precision == "fp16" else []
+    cmd = " ".join(["trtexec", f"--onnx={onnx_file.name}", *flags, "--memPoolSize=workspace:1024",
+                    "--saveEngine=model.engine", "--skipInference"])
+    script = f"""#!/usr/bin/env bash
+# Build the TensorRT engine on the Jetson itself: an engine is tied to the TensorRT version and
+# the GPU it was built on. {onnx_file.name} carries explicit Q/DQ int8 nodes (TensorRT's
+# explicit quantization); --fp16 lets layers without Q/DQ run in fp16 instead of fp32.
+# calibration.cache holds the same activation ranges in TensorRT's cache format (version-specific).
+set -euo pipefail
+cd "$(dirname "$0")"
+command -v trtexec >/dev/null || {{ echo "trtexec not found: it ships with TensorRT (JetPack: /usr/src/tensorrt/bin)" >&2; exit 3; }}
+{cmd}
+echo "wrote $(pwd)/model.engine"
+"""
+    path = folder / "build_engine.sh"
+    atomic_write_text(path, script)
+    path.chmod(0o755)
+    return {"build_script": "build_engine.sh", "command": cmd, "engine": None, "trt_version_for_cache": config.trt_version,
+            "engine_not_built": "TensorRT engines are built on the device: run build_engine.sh there "
+                                "(this machine has no TensorRT GPU build)"}
 
-    if config.calibration is None:
-        raise InputError(f"target {config.target} builds int8 and needs calibration images",
-                         hint="set [calibration] path in edgec.toml (an image folder, a list of paths or a captions.jsonl)")
-    calib = load_calibration(config.calibration, preprocess)
-    q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=config.method, percentile=config.percentile,
-                      trt_version=config.trt_version)
-    atomic_write_text(tmp / "calibration.cache", q.trt_cache)
-    log(f"{config.target}: int8 Q/DQ ONNX, {config.method} ranges from {len(calib)} calibration images, "
-        f"{q.qdq_pairs} Q/DQ pairs ({q.path.stat().st_size / 1e6:.2f} MB); TensorRT calibration cache written")
-    return q.path, calib.sha256
+
+def _accelerator_report(target, built, chosen: str, shipped: Path, folder: Path, log) -> dict | None:
+    """The shipped artifact's op report (float ops; for accelerators the share that maps and the first
+    op that does not) and, for the Edge TPU, edgetpu_compiler's own verdict when it is installed."""
+    if built.report is None:
+        return None
+    report = dict(built.report[chosen])
+    report["candidates_float_ops"] = {p: len(r["float_ops"]) for p, r in built.report.items()}
+    if target.constraints.supported_ops:
+        first = report["first_unsupported"]
+        if first is not None:
+            log(f"{folder.name}: first op off the accelerator: #{first['index']} {first['op']} ({'; '.join(first['reasons'])}); "
+                f"it and every op after it run on the CPU")
+    if target.accelerator_compiler == "edgetpu_compiler":
+        from .backends.litert import run_edgetpu_compiler
+
+        compiled = run_edgetpu_compiler(shipped, folder)
+        report["edgetpu_compiler"] = compiled if compiled is not None else {
+            "ran": False, "reason": "edgetpu_compiler is not on PATH: the mapping above is edgec's check against the "
+                                    "Edge TPU's documented op list and constraints; install the compiler for its own verdict"}
+    return report
 
 
 def _select(candidates: dict[str, Path], target, gates: list[str], config: CompileConfig, preprocess, log) -> dict:
@@ -216,13 +264,38 @@ def _select(candidates: dict[str, Path], target, gates: list[str], config: Compi
     return {"policy": "fastest-passing", "chosen": chosen, "candidates": rows}
 
 
+def trt_version_code(version: str) -> int:
+    """TensorRT's version number as its calibration caches spell it: 8.6.1 -> 8601, 10.3 -> 100300."""
+    parts = [int(p) for p in (version.split(".") + ["0", "0"])[:3]]
+    return parts[0] * 10000 + parts[1] * 100 + parts[2] if parts[0] >= 10 else parts[0] * 1000 + parts[1] * 100 + parts[2]
+
+
+def check_device(manifest: dict, folder: Path, device_name: str) -> list[str]:
+    """Constraints of a device profile against a built target folder; returns notes (raises on a hard miss)."""
+    dev = registry.get("devices", device_name).spec
+    notes = []
+    size = sum(a["bytes"] for a in manifest["artifacts"])
+    if dev.memory_gb is not None and size > dev.memory_gb * 1e9 * 0.5:
+        raise InputError(f"the artifact ({size / 1e6:.1f} MB) exceeds half of {device_name}'s {dev.memory_gb:g} GB memory",
+                         hint="use a smaller student")
+    if dev.accelerator_memory_mb is not None and size > dev.accelerator_memory_mb * 1e6:
+        notes.append(f"{size / 1e6:.1f} MB of parameters exceed the {dev.accelerator_memory_mb:g} MB on-chip memory of "
+                     f"{device_name}: the rest streams from host memory, which is slower")
+    return notes
+
+
 def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = False, out: Path | None = None,
-                        config_path: Path | None = None, progress: bool = True, log=print) -> CompileOutputs:
+                        config_path: Path | None = None, progress: bool = True, device: str | None = None,
+                        log=print) -> CompileOutputs:
     """Compile ``target`` from edgec.toml, distilling the student first when it is missing."""
     from .distill import DistillConfig
     from .distill import run as distill
 
     registry.get("targets", target)  # fail on an unknown target before any work
+    device = device or cfg.targets.device
+    dev = registry.get("devices", device).spec if device else None
+    if dev is not None and dev.target != target:
+        raise InputError(f"device {device} takes target {dev.target!r}, not {target!r}", hint=f"use --target {dev.target}")
     if cfg.model is None:
         raise InputError("edgec.toml has no [model] section", hint="add [model] path = ...")
     teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
@@ -255,8 +328,13 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                                   max_bad_fraction=cfg.data.max_bad_fraction), log=log)
     ccfg = CompileConfig(target=target, out=out or build / target, teacher=teacher,
                          source="teacher" if no_distill else "student", student=student_dir, head_data=head_data,
-                         prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions, device=cfg.targets.device,
+                         prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions, device=device,
                          config_sha256=config_sha, gates=tuple(cfg.gates_for(target)), calibration=calibration,
+                         trt_version=trt_version_code(dev.runtimes["tensorrt"]) if dev and "tensorrt" in dev.runtimes else 100300,
                          method=cfg.quantize.method, percentile=cfg.quantize.percentile,
                          golden=golden if (golden / "golden.json").is_file() else None)
-    return run(ccfg, log=log)
+    result = run(ccfg, log=log)
+    if device:
+        for note in check_device(result.manifest, result.out, device):
+            log(f"{target}: note: {note}")
+    return result

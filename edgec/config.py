@@ -60,7 +60,8 @@ class LossWeights:
     feature_cosine: float = doc(1.0, help="1 - cosine between student and teacher image embeddings")
     feature_mse: float = doc(0.0, help="MSE between normalised embeddings")
     contrastive_image: float = doc(0.0, help="CLIP-KD: student image vs teacher image embeddings of the batch")
-    contrastive_text: float = doc(0.0, help="CLIP-KD: student image vs teacher text embeddings of the batch")
+    contrastive_text: float = doc(0.5, help="CLIP-KD: student image vs teacher caption embeddings of the batch "
+                                            "(used only when the training folder has captions)")
     logit: float = doc(0.0, help="KL on zero-shot logits over the label prompts")
 
     def __post_init__(self) -> None:

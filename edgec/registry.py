@@ -51,6 +51,10 @@ class TargetSpec:
     select: Literal["fastest-passing", "first"] = doc(
         "first", help="fastest-passing: time and verify every precision here, ship the fastest that passes the gates; "
                       "first: ship the first precision (runtimes that cannot be measured on the build machine)")
+    normalize_output: bool = doc(True, help="fold the L2 normalisation into the graph (off where the accelerator "
+                                            "cannot run it in int8: the app normalises the embedding itself)")
+    accelerator_compiler: Literal["edgetpu_compiler"] | None = doc(
+        None, help="a vendor compiler run on the artifact when it is on PATH (its verdict goes into the manifest)")
     version: int = doc(1, help="schema version")
 
     def __post_init__(self) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import MissingToolchain, UnknownNameError, did_you_mean
 
 BACKENDS = {
     "onnx": ("edgec.backends.onnx", "onnx onnxscript"),
+    "litert": ("edgec.backends.litert", "litert-torch ai-edge-quantizer"),
 }
 
 
@@ -19,3 +22,16 @@ def get_backend(name: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingToolchain(f"the {name} backend cannot be imported ({exc})", hint=f"pip install {install}") from exc
+
+
+@dataclass
+class Built:
+    """What a backend built for one target: candidate artifacts per precision, and what goes beside them."""
+
+    candidates: dict[str, Path]
+    format: str
+    io: dict  # {"inputs": [...], "outputs": [...]} of the fp32 graph; int8 records come from the chosen file
+    files: dict[str, str] = field(default_factory=dict)  # extra text files for the target folder
+    report: dict | None = None
+    calibration_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)

@@ -17,19 +17,22 @@ OPSET = 17  # dynamo=False keeps the requested opset; the dynamo exporter silent
 class NormalizedEmbedding(nn.Module):
     """The encoder with L2 normalisation folded in: the artifact's output is ready for zero-shot use."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, normalize: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
+        self.normalize = normalize
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encoder(pixels), dim=-1)
+        emb = self.encoder(pixels)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
 
 
-def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dynamic_batch: bool = True) -> dict:
+def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dynamic_batch: bool = True,
+           normalize: bool = True) -> dict:
     """Export ``encoder`` (pixels -> embedding) as ONNX; returns the input/output records for the manifest."""
     import onnx
 
-    model = NormalizedEmbedding(encoder).eval()
+    model = NormalizedEmbedding(encoder, normalize).eval()
     example = torch.zeros(*input_shape)
     axes = {"pixels": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
     try:
@@ -46,6 +49,35 @@ def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dyna
     return {
         "inputs": [{"name": "pixels", "shape": list(input_shape), "dtype": "float32", "quantization": None,
                     "dynamic_batch": dynamic_batch}],
-        "outputs": [{"name": "embedding", "shape": [input_shape[0], dim], "dtype": "float32", "normalized": True}],
+        "outputs": [{"name": "embedding", "shape": [input_shape[0], dim], "dtype": "float32", "normalized": normalize}],
         "opset": OPSET,
     }
+
+
+def build(encoder: nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str, percentile: float,
+          trt_version: int, log) -> "Built":
+    """fp32 ONNX always (it is what int8 is made from); int8 Q/DQ when the target lists it."""
+    from . import Built
+
+    fp32 = work / "model.fp32.onnx"
+    with torch.no_grad():
+        io = export(encoder.eval(), shape, fp32, dynamic_batch=not spec.constraints.static_shapes,
+                    normalize=spec.normalize_output)
+    log(f"exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
+    built = Built(candidates={}, format="onnx", io=io)
+    for precision in spec.precisions:
+        if precision == "fp32":
+            built.candidates["fp32"] = fp32
+        elif precision == "int8":
+            from ..quantize.onnx_qdq import quantize_onnx
+
+            calib = calibration()
+            q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=method, percentile=percentile,
+                              trt_version=trt_version)
+            built.candidates["int8"], built.calibration_sha256 = q.path, calib.sha256
+            built.files["calibration.cache"] = q.trt_cache
+            log(f"int8 Q/DQ ONNX, {method} ranges from {len(calib)} calibration images, {q.qdq_pairs} Q/DQ pairs "
+                f"({q.path.stat().st_size / 1e6:.2f} MB); TensorRT calibration cache written")
+        else:
+            raise InputError(f"the onnx backend does not build {precision!r}", hint="list fp32 or int8 in the target file")
+    return built

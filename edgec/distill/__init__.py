@@ -108,9 +108,14 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
     eval_split = splits["eval"][0] if "eval" in splits else None
     class_text_np = (splits.get("eval") or splits["train"])[1].class_text
     class_text = torch.from_numpy(class_text_np).float() if class_text_np is not None else None
-    if config.params.losses.contrastive_text and train_split.captions is None:
-        raise InputError(f"distill.losses.contrastive_text needs captions, and {config.train} has no {config.captions_file}",
-                         hint="set contrastive_text = 0 or add captions")
+    params = config.params
+    if params.losses.contrastive_text and train_split.captions is None:
+        try:
+            params = dataclasses.replace(params, losses=dataclasses.replace(params.losses, contrastive_text=0.0))
+        except ValueError:
+            raise InputError(f"distill.losses.contrastive_text is the only loss, and {config.train} has no "
+                             f"{config.captions_file}", hint="add captions, or set feature_cosine = 1.0") from None
+        log(f"note: {config.train} has no captions; the contrastive_text loss is off for this run")
     if config.params.losses.logit and class_text is None:
         raise InputError(f"distill.losses.logit needs labels, and {config.train} has none",
                          hint="set logit = 0, or use class sub-folders or 'label' in captions.jsonl")
@@ -118,7 +123,7 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
     extra = {"teacher": {"name": teacher.name, "kind": teacher.kind, "sha256": teacher_id}}
     teacher.to("cpu")
 
-    result = train(spec, config.params, train_split, eval_split, class_text, logit_scale=teacher.logit_scale,
+    result = train(spec, params, train_split, eval_split, class_text, logit_scale=teacher.logit_scale,
                    out=config.out, augment_mode=config.augment, resume=resume, progress=progress, extra=extra, log=log)
 
     student_dir = config.out / "student"
@@ -134,7 +139,7 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
         "data": {"train": str(config.train), "train_sha256": train_id, "train_images": len(train_split.pixels),
                  "eval": str(config.eval) if config.eval else None,
                  "eval_sha256": splits["eval"][2] if "eval" in splits else None},
-        "config": {**to_dict(config.params), "augment": config.augment, "prompts": prompts},
+        "config": {**to_dict(params), "augment": config.augment, "prompts": prompts},
         "metrics": {k: v for k, v in result.best.items()},
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,

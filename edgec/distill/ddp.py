@@ -95,3 +95,17 @@ def max_abs_diff_to_rank0(params, dist: Dist) -> float | None:
     diff = torch.tensor([(flat - ref).abs().max().item()])
     tdist.all_reduce(diff, op=tdist.ReduceOp.MAX)
     return float(diff)
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, in rank order; gradients flow back to each rank's part."""
+    import torch.distributed as tdist
+    from torch.distributed.nn import functional as dist_fn
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        return torch.cat(dist_fn.all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

@@ -35,13 +35,21 @@ def _soft_targets(ids: torch.Tensor | None, n: int, device: torch.device) -> tor
     return same / same.sum(dim=1, keepdim=True)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class DistillLoss(torch.nn.Module):
+    """``gather`` concatenates a tensor over all processes (autograd-aware) so that the contrastive
+    terms see the whole global batch under DDP, as one process would."""
+
     def __init__(self, weights: LossWeights, *, temperature: float, logit_scale: float,
-                 class_text: torch.Tensor | None = None) -> None:
+                 class_text: torch.Tensor | None = None, gather=_identity) -> None:
         super().__init__()
         self.weights = weights
         self.temperature = temperature
         self.logit_scale = logit_scale
+        self.gather = gather
         self.register_buffer("class_text", class_text if class_text is not None else torch.empty(0), persistent=False)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -53,15 +61,18 @@ class DistillLoss(torch.nn.Module):
             parts["feature_cosine"] = (1 - (s * t).sum(dim=-1)).mean()
         if w.feature_mse:
             parts["feature_mse"] = F.mse_loss(s, t) * s.shape[-1]
+        if w.contrastive_image or w.contrastive_text:
+            s_all = self.gather(s)
         if w.contrastive_image:
-            logits = self.logit_scale * s @ t.T
-            target = torch.arange(len(s), device=s.device)
+            logits = self.logit_scale * s_all @ self.gather(t).T
+            target = torch.arange(len(s_all), device=s.device)
             parts["contrastive_image"] = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         if w.contrastive_text:
             if batch.caption is None:
                 raise ValueError("contrastive_text needs captions (captions.jsonl in the training folder)")
-            logits = self.logit_scale * s @ batch.caption.float().T
-            target = _soft_targets(batch.caption_id, len(s), s.device)
+            logits = self.logit_scale * s_all @ self.gather(batch.caption.float()).T
+            ids = self.gather(batch.caption_id) if batch.caption_id is not None else None
+            target = _soft_targets(ids, len(s_all), s.device)
             parts["contrastive_text"] = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         if w.logit:
             if not self.class_text.numel():

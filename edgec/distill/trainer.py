@@ -27,7 +27,7 @@ from ..config import DistillSection
 from ..errors import EdgecError, InputError
 from ..manifest import atomic_write_bytes, atomic_write_json, staged_dir
 from ..models.student import Student, StudentSpec, create_student, read_student_config, save_student
-from .ddp import Dist, global_batch_norm, max_abs_diff_to_rank0
+from .ddp import Dist, all_gather_cat, global_batch_norm, max_abs_diff_to_rank0
 from .losses import Batch, DistillLoss
 
 STATE_JSON = "trainer_state.json"
@@ -201,7 +201,8 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     loss_fn = DistillLoss(params.losses, temperature=params.temperature, logit_scale=logit_scale,
-                          class_text=class_text.to(device) if class_text is not None else None)
+                          class_text=class_text.to(device) if class_text is not None else None,
+                          gather=all_gather_cat if dist.world > 1 else (lambda x: x))
 
     last = out / "last"
     start_epoch, history, best, best_key, bad_epochs = 0, [], {}, None, 0
@@ -222,24 +223,30 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
             log(f"resumed from {last} at epoch {start_epoch}")
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    gen = torch.Generator().manual_seed(params.seed * 1000 + dist.rank)
+    gen = torch.Generator()
     per_rank = params.batch_size // dist.world
     t_start, stopped_early = time.time(), False
     bar = _progress(progress and dist.main, total_steps, start_epoch * steps_per_epoch)
     try:
         for epoch in range(start_epoch, params.epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(params.seed + epoch))
+            # randomness depends only on (seed, epoch[, rank]): a resumed run repeats it. Caption choices are
+            # drawn for the whole global batch, so N processes pick what one process would.
+            gen.manual_seed((params.seed * 1_000_003 + epoch) * 1009 + dist.rank)
+            pick_gen = torch.Generator().manual_seed(params.seed * 1_000_003 + epoch)
             t_epoch, seen, running, parts_sum = time.time(), 0, 0.0, {}
             for step in range(steps_per_epoch):
                 idx = order[step * params.batch_size : (step + 1) * params.batch_size]
+                draws = torch.randint(0, 1 << 30, (len(idx),), generator=pick_gen)
                 idx = idx[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+                draws = draws[dist.rank * per_rank : (dist.rank + 1) * per_rank]
                 x = augment(norm(train_split.pixels[idx].to(device)), augment_mode, gen)
                 with autocast, global_batch_norm(dist.world > 1 and device.type == "cpu"):
                     emb = student(x)
                 batch = Batch(emb.float(), train_split.teacher[idx].to(device))
                 if params.losses.contrastive_text and train_split.captions is not None:
-                    pick = [train_split.caption_index[i][int(torch.randint(len(train_split.caption_index[i]), (1,), generator=gen))]
-                            for i in idx.tolist()]
+                    pick = [train_split.caption_index[i][int(d) % len(train_split.caption_index[i])]
+                            for i, d in zip(idx.tolist(), draws)]
                     batch.caption = train_split.captions[pick].to(device)
                     batch.caption_id = torch.tensor(pick, device=device)
                 loss, parts = loss_fn(batch)

@@ -65,6 +65,9 @@ def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str =
         sess = ort.InferenceSession(str(aug_path), providers=["CPUExecutionProvider"])
         outputs = [o.name for o in sess.get_outputs()]
         input_name = sess.get_inputs()[0].name
+        fixed = sess.get_inputs()[0].shape[0]
+        if isinstance(fixed, int):  # a static batch dimension takes exactly that many images per run
+            batch_size = fixed
 
         def run_all(batch: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(outputs, sess.run(outputs, {input_name: batch})))

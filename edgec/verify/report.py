@@ -143,3 +143,41 @@ def build_report(folders: list[Path], out: Path, golden_dir: Path | None = None)
         parts.append("</div>")
     parts.append("</body></html>")
     return atomic_write_text(out, "\n".join(parts))
+
+
+def benchmarks_markdown(folders: list[Path]) -> str:
+    """BENCHMARKS.md: per target, teacher vs every candidate precision (latency, size, agreement, accuracy)."""
+    import datetime
+
+    entries = [_read(Path(f)) for f in folders]
+    machine = next((e["bench"]["machine"] for e in entries if e["bench"]), {})
+    lines = ["# Benchmarks", "",
+             f"Written by `make bench` on {datetime.date.today().isoformat()}: {machine.get('cpu', '?')}, "
+             f"{machine.get('cores', '?')} cores, no GPU. Latency is the median of single-image runs after warm-up, "
+             "so ±20 % between runs is noise; agreement is zero-shot top-1 agreement with the full-precision teacher "
+             "on the golden eval set.", ""]
+    for e in entries:
+        m, v, b = e["manifest"], e["verify"], e["bench"] or {}
+        lines += [f"## {m['target']}", "", f"Model on the device: {m.get('model')}; input {m['inputs'][0]['shape']}.", "",
+                  "| model | precision | runtime | latency ms (median) | size MB | agreement | accuracy | cosine mean |",
+                  "|---|---|---|---|---|---|---|---|"]
+        teacher = b.get("teacher")
+        t_acc = next((r["metrics"].get("teacher_accuracy") for r in v["results"]), None)
+        if teacher:
+            lines.append(f"| teacher {teacher['name']} | fp32 | eager PyTorch | {teacher['median_ms']:.2f} | - | 1.0000 | "
+                         f"{t_acc:.4f} | 1.0000 |" if t_acc is not None else
+                         f"| teacher {teacher['name']} | fp32 | eager PyTorch | {teacher['median_ms']:.2f} | - | - | - | - |")
+        shipped = {r["artifact"]: r for r in v["results"]}
+        timed = {r["artifact"]: r for r in b.get("results", [])}
+        for c in (m.get("selection") or {}).get("candidates", []):
+            name = f"model.{c['precision']}.onnx"
+            if "median_ms" not in c:
+                continue
+            mark = " (shipped)" if name in shipped else ""
+            lat = timed[name]["median_ms"] if name in timed else c["median_ms"]
+            cm = c["metrics"]
+            lines.append(f"| {m.get('model')}{mark} | {c['precision']} | {m['artifacts'][0]['runtime']} | {lat:.2f} | "
+                         f"{c['bytes'] / 1e6:.2f} | {cm.get('agreement', float('nan')):.4f} | "
+                         f"{cm.get('accuracy', float('nan')):.4f} | {cm['cosine_mean']:.4f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"

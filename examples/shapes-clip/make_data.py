@@ -193,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="*", default=list(SPLITS), choices=list(SPLITS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply images per class (tests use less)")
     ap.add_argument("--size", type=int, default=96, help="image side in pixels")
+    ap.add_argument("--force", action="store_true", help="write splits that already exist again")
     args = ap.parse_args(argv)
     for split in args.splits:
         per_class, seed = SPLITS[split]
+        if (args.out / split / "captions.jsonl").is_file() and not args.force:
+            print(f"{args.out / split} exists (deterministic: same seed, same images); --force writes it again")
+            continue
         n = write_split(args.out / split, max(1, round(per_class * args.scale)), seed, args.size)
         print(f"wrote {n} images to {args.out / split}")
     return 0

@@ -185,8 +185,10 @@ def test_unlabelled_folder_distils_on_features_alone(tmp_path, data):
                       .replace(json.dumps(str(data / "eval")), json.dumps(str(flat))))
     result = distill(config, "--out", str(tmp_path / "u"))
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "u" / "manifest.json").read_text())["metrics"]
-    assert "cosine_mean" in metrics and "agreement" not in metrics
+    assert "has no captions; the contrastive_text loss is off" in result.stdout
+    manifest = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    assert "cosine_mean" in manifest["metrics"] and "agreement" not in manifest["metrics"]
+    assert manifest["config"]["losses"]["contrastive_text"] == 0.0
 
     config.write_text(config.read_text() + "[distill.losses]\nlogit = 1.0\n")
     result = distill(config, "--out", str(tmp_path / "u2"))

@@ -7,7 +7,6 @@ import pickle
 import shutil
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app

@@ -330,3 +330,18 @@ def test_int8_needs_calibration_images(tmp_path, shapes_data):
     assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
     result = runner.invoke(app, ["compile", "--target", "cpu", "--no-distill", "--config", str(config), "--no-progress"])
     assert result.exit_code == 2 and "needs calibration images" in result.stderr and "[calibration] path" in result.stderr
+
+
+def test_benchmarks_markdown_lists_teacher_and_every_candidate(built, tmp_path):
+    config, build = built
+    folder = copy_target(build, tmp_path)
+    assert runner.invoke(app, ["verify", str(folder)]).exit_code == 0
+    assert runner.invoke(app, ["bench", str(folder), "--runs", "3", "--warmup", "1", "--teacher", str(config)]).exit_code == 0
+    md = tmp_path / "BENCHMARKS.md"
+    result = runner.invoke(app, ["report", str(folder), "--html", str(tmp_path / "r.html"), "--benchmarks", str(md)])
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    assert "## cpu" in text and "| teacher shapes-clip-teacher | fp32 | eager PyTorch |" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| shapes-clip-teacher")]
+    assert len(rows) == 2 and sum("(shipped)" in r for r in rows) == 1
+    assert {r.split(" | ")[1] for r in rows} == {"int8", "fp32"}

@@ -1,0 +1,171 @@
+"""LiteRT (TFLite): fp32 conversion with litert-torch, fully integer int8 with ai-edge-quantizer,
+and the Edge TPU compatibility report.
+
+Known here (shared/DESIGN.md, re-checked by the tests): litert-torch's own PT2E int8 route
+leaves float islands, while ai-edge-quantizer's ``static_wi8_ai8`` recipe applied to the fp32
+model gives int8 I/O and no float op: that is the route the Edge TPU needs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError, require_module
+from .onnx import NormalizedEmbedding
+
+INTEGER_TYPES = ("int8", "uint8", "int32", "int16")
+
+
+def export(encoder: torch.nn.Module, input_shape: tuple[int, ...], path: Path, *, layout: str = "NHWC",
+           normalize: bool = True) -> dict:
+    """fp32 .tflite of ``encoder`` (L2 normalisation folded in when ``normalize``); NHWC input when ``layout`` says so."""
+    litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
+    model = NormalizedEmbedding(encoder, normalize).eval()
+    n, *rest = input_shape
+    nchw = (n, rest[2], rest[0], rest[1]) if layout == "NHWC" else tuple(input_shape)
+    if layout == "NHWC":
+        model = litert_torch.to_channel_last_io(model, args=[0])
+    example = torch.zeros(*input_shape)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            litert_torch.convert(model.eval(), (example,)).export(str(path))
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise InputError(f"LiteRT conversion failed: {str(exc).splitlines()[0][:300]}",
+                         hint="the model uses an op LiteRT cannot convert; try another student") from None
+    with torch.no_grad():
+        dim = int(NormalizedEmbedding(encoder).eval()(torch.zeros(*nchw)).shape[-1])
+    return {"inputs": [{"name": "pixels", "shape": list(input_shape), "dtype": "float32", "quantization": None}],
+            "outputs": [{"name": "embedding", "shape": [n, dim], "dtype": "float32", "normalized": normalize}]}
+
+
+def quantize_full_int8(fp32: Path, out: Path, batches: list[np.ndarray]) -> None:
+    """ai-edge-quantizer static int8 weights + activations, int8 input and output."""
+    aq = require_module("ai_edge_quantizer", install="ai-edge-quantizer", purpose="fully integer TFLite")
+    from ai_edge_quantizer import quantizer, recipe
+
+    from ..runtime.inspect import litert_interpreter_module
+
+    interp = litert_interpreter_module().Interpreter(model_path=str(fp32))
+    sig = interp.get_signature_list()
+    key = next(iter(sig))
+    arg = sig[key]["inputs"][0]
+    q = quantizer.Quantizer(str(fp32), recipe.static_wi8_ai8())
+    calib = {key: [{arg: b.astype(np.float32)} for b in batches]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.quantize(q.calibrate(calib)).export_model(str(out), overwrite=True)
+    del aq
+
+
+def tensor_records(path: Path, *, normalized: bool) -> dict:
+    """Input/output records with int8 quantization parameters, from the model itself."""
+    from ..runtime.inspect import inspect_artifact
+
+    info = inspect_artifact(path)
+    return {"inputs": [dict(t, name="pixels") for t in info["inputs"]],
+            "outputs": [dict(t, name="embedding", normalized=normalized) for t in info["outputs"]]}
+
+
+def op_report(path: Path, *, supported: frozenset[str] | None = None, max_rank: int | None = None) -> dict:
+    """Every op in execution order with its tensors' types and ranks, checked against ``supported``.
+
+    An op is off the accelerator when its name is not supported, when any tensor it touches is
+    not an integer type, or (``max_rank``) when a tensor has more than ``max_rank`` dimensions
+    larger than 1 beyond the innermost ones. The accelerator runs ops until the first one that
+    is off it; everything after that runs on the CPU (one partition, as the Edge TPU compiler does).
+    """
+    from ..runtime.inspect import litert_interpreter_module
+
+    mod = litert_interpreter_module()
+    kwargs = {}
+    if getattr(mod, "OpResolverType", None) is not None:
+        kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interp = mod.Interpreter(model_path=str(path), **kwargs)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    ops, float_ops, first_off = [], [], None
+    for i, op in enumerate(interp._get_ops_details()):  # noqa: SLF001 - the only op listing LiteRT exposes
+        reasons = []
+        touched = [tensors[t] for t in list(op["inputs"]) + list(op["outputs"]) if t >= 0 and t in tensors]
+        dtypes = {np.dtype(t["dtype"]).name for t in touched}
+        is_float = any(d.startswith("float") for d in dtypes)
+        if is_float and op["op_name"] not in ("QUANTIZE", "DEQUANTIZE"):
+            float_ops.append(op["op_name"])
+        if supported is not None and op["op_name"] not in supported:
+            reasons.append("operation not supported")
+        if supported is not None and is_float:
+            reasons.append("float tensors (" + ", ".join(sorted(d for d in dtypes if d.startswith("float"))) + ")")
+        if max_rank is not None:
+            for t in touched:
+                shape = [int(d) for d in t["shape"]]
+                if len(shape) > max_rank and any(d > 1 for d in shape[:-max_rank]):
+                    reasons.append(f"tensor {t['name']} has shape {shape}: more than {max_rank} dims larger than 1")
+                    break
+        if reasons and first_off is None:
+            first_off = i
+        ops.append({"index": i, "op": op["op_name"], "off_accelerator": bool(reasons), "reasons": reasons})
+    total = len(ops)
+    mapped = first_off if first_off is not None else total
+    return {"ops": ops, "total": total, "float_ops": float_ops, "first_unsupported": ops[first_off] if first_off is not None else None,
+            "mapped_in_one_subgraph": mapped, "mapped_share": round(mapped / total, 4) if total else 0.0}
+
+
+def run_edgetpu_compiler(path: Path, out_dir: Path) -> dict | None:
+    """Run ``edgetpu_compiler -s`` when it is on PATH; parse its summary. None when it is not installed."""
+    exe = shutil.which("edgetpu_compiler")
+    if exe is None:
+        return None
+    proc = subprocess.run([exe, "-s", "-o", str(out_dir), str(path)], capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    m = re.search(r"Number of operations that will run on Edge TPU:\s*(\d+)", text)
+    total = re.search(r"Number of operations that will run on CPU:\s*(\d+)", text)
+    compiled = out_dir / f"{path.stem}_edgetpu.tflite"
+    return {"returncode": proc.returncode, "on_edgetpu": int(m.group(1)) if m else None,
+            "on_cpu": int(total.group(1)) if total else None, "compiled": compiled.name if compiled.is_file() else None,
+            "log": text[-4000:]}
+
+
+def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str,
+          percentile: float, trt_version: int, log) -> "Built":
+    """fp32 .tflite, and fully integer int8 (ai-edge-quantizer) when the target lists int8; the op
+    report of every candidate, checked against the target's constraints."""
+    from . import Built
+
+    fp32 = work / "model.fp32.tflite"
+    io = export(encoder, shape, fp32, layout=spec.layout, normalize=spec.normalize_output)
+    log(f"converted fp32 TFLite ({fp32.stat().st_size / 1e6:.2f} MB)")
+    built = Built(candidates={}, format="tflite", io=io)
+    for precision in spec.precisions:
+        if precision == "fp32":
+            built.candidates["fp32"] = fp32
+        elif precision == "int8":
+            calib = calibration(spec.layout)
+            out = work / "model.int8.tflite"
+            quantize_full_int8(fp32, out, list(calib.batches(layout=spec.layout, batch_size=1)))
+            built.candidates["int8"], built.calibration_sha256 = out, calib.sha256
+            log(f"int8 TFLite (ai-edge-quantizer static int8, {len(calib)} calibration images, "
+                f"{out.stat().st_size / 1e6:.2f} MB)")
+        else:
+            raise InputError(f"the litert backend does not build {precision!r}", hint="list fp32 or int8 in the target file")
+    c = spec.constraints
+    supported = frozenset(c.supported_ops) if c.supported_ops else None
+    built.report = {p: op_report(path, supported=supported, max_rank=c.max_tensor_rank)
+                    for p, path in built.candidates.items()}
+    for p, rep in built.report.items():
+        log(f"{p}: {rep['total']} ops, {len(rep['float_ops'])} float"
+            + (f"; {rep['mapped_in_one_subgraph']} of {rep['total']} ({rep['mapped_share']:.0%}) map to the accelerator in one "
+               f"subgraph" if supported else ""))
+    if c.fully_integer:
+        for p, rep in built.report.items():
+            if p == "int8" and rep["float_ops"]:
+                raise InputError(f"{len(rep['float_ops'])} float ops remain in the int8 model "
+                                 f"({', '.join(sorted(set(rep['float_ops'])))}): the target needs a fully integer model",
+                                 hint="choose a student without those ops (e.g. an all-convolution one)")
+    return built

@@ -1,0 +1,118 @@
+"""Every registered target, and the jetson / edgetpu / android-tflite builds verified in their runtimes."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgec import registry
+from edgec.cli import app
+
+from .verify.test_verify import write_project
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", sorted(registry.entries("targets")))
+def test_every_target_has_a_backend_and_valid_gates(name):
+    from edgec.backends import get_backend
+    from edgec.verify.gates import parse_gate
+
+    spec = registry.get("targets", name).spec
+    backend = get_backend(spec.backend)
+    assert callable(backend.build)
+    assert all(parse_gate(g) for g in spec.gates)
+    if spec.select == "fastest-passing":
+        assert len(spec.precisions) > 1
+
+
+@pytest.mark.parametrize("name", sorted(registry.entries("devices")))
+def test_every_device_takes_a_registered_target(name):
+    assert registry.get("devices", name).spec.target in registry.entries("targets")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, shapes_data):
+    root = tmp_path_factory.mktemp("targets")
+    config = write_project(root, shapes_data)
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    return config, root / "build"
+
+
+def compile_target(config: Path, *args: str):
+    result = runner.invoke(app, ["compile", "--config", str(config), "--no-distill", "--no-progress", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_jetson_qdq_onnx_with_trtexec_recipe(project):
+    config, build = project
+    compile_target(config, "--device", "orin-nano")
+    folder = build / "jetson"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert art["path"] == "model.int8.onnx" and art["runtime"] == "tensorrt" and manifest["device"] == "orin-nano"
+    assert manifest["inputs"][0]["shape"] == [1, 3, 64, 64] and manifest["inputs"][0]["dynamic_batch"] is False
+    cache = (folder / "calibration.cache").read_text().splitlines()
+    assert cache[0] == "TRT-100300-EntropyCalibration2" and len(cache) > 10  # orin-nano ships TensorRT 10.3
+    scale = struct.unpack(">f", bytes.fromhex(cache[1].split(": ")[1]))[0]
+    assert 0 < scale < 1
+    script = (folder / "build_engine.sh").read_text()
+    assert "trtexec --onnx=model.int8.onnx --int8 --fp16 --memPoolSize=workspace:1024 --saveEngine=model.engine" in script
+    assert (folder / "build_engine.sh").stat().st_mode & 0o111
+    assert "run build_engine.sh" in manifest["tensorrt"]["engine_not_built"]
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(folder / "model.int8.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    verify = runner.invoke(app, ["verify", str(folder), "--json"])
+    assert verify.exit_code == 0, verify.output
+    m = json.loads(verify.stdout)["results"][0]["metrics"]
+    assert m["agreement"] >= 0.97 and m["cosine_mean"] > 0.99
+
+
+def test_device_of_another_target_is_refused(project):
+    config, _ = project
+    result = runner.invoke(app, ["compile", "--config", str(config), "--no-distill", "--target", "cpu",
+                                 "--device", "coral-usb"])
+    assert result.exit_code == 2 and "takes target 'edgetpu'" in result.stderr
+
+
+@pytest.mark.slow
+def test_edgetpu_fully_integer_tflite_and_compatibility_report(project):
+    config, build = project
+    compile_target(config, "--target", "edgetpu")
+    folder = build / "edgetpu"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert art["path"] == "model.int8.tflite" and art["format"] == "tflite"
+    (inp,) = manifest["inputs"]
+    assert inp["dtype"] == "int8" and inp["shape"] == [1, 64, 64, 3] and inp["quantization"]["scale"] > 0
+    assert inp["preprocess"]["layout"] == "NHWC"
+    ops = manifest["ops"]
+    assert ops["float_ops"] == [] and ops["total"] > 20  # fully integer, or the build would have failed
+    # a ViT's attention is not Edge TPU material: the report names the first op that leaves the TPU
+    first = ops["first_unsupported"]
+    assert first is not None and first["reasons"] and ops["mapped_in_one_subgraph"] == first["index"]
+    assert 0 < ops["mapped_share"] < 1
+    assert ops["edgetpu_compiler"]["ran"] is False and "not on PATH" in ops["edgetpu_compiler"]["reason"]
+    verify = runner.invoke(app, ["verify", str(folder), "--json"])
+    assert verify.exit_code == 0, verify.output
+    assert json.loads(verify.stdout)["results"][0]["metrics"]["agreement"] >= 0.95
+
+
+@pytest.mark.slow
+def test_android_tflite_ships_the_fastest_passing_precision(project):
+    config, build = project
+    compile_target(config, "--target", "android-tflite")
+    manifest = json.loads((build / "android-tflite" / "manifest.json").read_text())
+    sel = manifest["selection"]
+    assert [c["precision"] for c in sel["candidates"]] == ["int8", "fp32"]
+    passing = [c for c in sel["candidates"] if c["passed"]]
+    assert sel["chosen"] == min(passing, key=lambda c: c["median_ms"])["precision"]
+    assert manifest["ops"]["candidates_float_ops"]["int8"] == 0
+    assert runner.invoke(app, ["verify", str(build / "android-tflite")]).exit_code == 0
