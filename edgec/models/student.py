@@ -30,7 +30,10 @@ class Student(nn.Module):
     def __init__(self, backbone: nn.Module, embed_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.proj = nn.Linear(backbone.num_features, embed_dim)
+        # with num_classes=0 timm returns pooled features; models with a head conv after pooling
+        # (MobileNetV3/V4) give head_hidden_size of them, not num_features
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.proj = nn.Linear(width, embed_dim)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(pixels))

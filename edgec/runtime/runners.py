@@ -62,9 +62,36 @@ class LiteRTRunner:
         return np.concatenate(rows)
 
 
+class ExecuTorchRunner:
+    """ExecuTorch's Python runtime (it imports torch: .pte verification needs torch installed)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        require_module("executorch.runtime", install="executorch (its Python runtime also needs torch)",
+                       purpose="running a .pte artifact")
+        from executorch.runtime import Runtime
+
+        try:
+            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"ExecuTorch cannot load {path}: {str(exc).splitlines()[0][:200]}",
+                             hint="the file is truncated or corrupt; compile the target again") from None
+        meta = str(getattr(self.method, "metadata", ""))  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, ...
+        self.batch = 1 if "sizes=[1," in meta else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        step = self.batch or len(x)
+        outs = [self.method.execute([torch.from_numpy(np.ascontiguousarray(x[i : i + step]))])[0].numpy()
+                for i in range(0, len(x), step)]
+        return np.concatenate(outs).astype(np.float32)
+
+
 def open_runner(path: Path, runtime: str, threads: int | None = None):
     if runtime in ("onnxruntime", "tensorrt") and path.suffix == ".onnx":
         return OnnxRunner(path, threads)
     if runtime == "litert":
         return LiteRTRunner(path, threads)
+    if runtime == "executorch":
+        return ExecuTorchRunner(path, threads)
     raise InputError(f"{path}: runtime {runtime!r} cannot be run by this edgec on this machine")
