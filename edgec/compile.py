@@ -21,7 +21,8 @@ import numpy as np
 from . import registry
 from .config import EdgecConfig, ModelSection
 from .errors import InputError
-from .manifest import atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, sha256_file, staged_dir
+from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, package_versions,
+                       sha256_file, staged_dir)
 from .quantize.calibration import CalibrationSpec
 
 SCHEMA = 1
@@ -58,21 +59,7 @@ class CompileOutputs:
     manifest: dict
 
 
-def _versions(*packages: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("edgec", "torch", *packages):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def run(config: CompileConfig, *, log=print) -> CompileOutputs:
-    import torch
-
     from .backends import get_backend
     from .data.folder import read_folder
     from .distill.data import teacher_identity
@@ -110,7 +97,7 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
     shape = (1, 3, h, w) if target.layout == "NCHW" else (1, h, w, 3)
     calib_cache: dict = {}
 
-    def calibration(layout: str | None = None):
+    def calibration():
         from .quantize.calibration import load_calibration
 
         if config.calibration is None:
@@ -166,8 +153,8 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
             "outputs": io_records["outputs"],
             "head": head,
             "sources": sources,
-            "versions": _versions("onnx", "onnxruntime") if built.format == "onnx" else
-                        _versions("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
+            "versions": package_versions("torch", "onnx", "onnxruntime") if built.format == "onnx" else
+                        package_versions("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
             "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1)},
             "gates": gates,
             "selection": selection,

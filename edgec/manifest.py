@@ -128,3 +128,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON ({exc.msg})", hint="compile the target again") from None
+
+
+def package_versions(*packages: str) -> dict[str, str | None]:
+    """Installed versions of edgec and ``packages`` (None when missing), for manifests."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("edgec", *packages):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -13,11 +13,15 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import InputError, require_module
+
+if TYPE_CHECKING:
+    from . import Built
 from .onnx import NormalizedEmbedding
 
 INTEGER_TYPES = ("int8", "uint8", "int32", "int16")
@@ -133,7 +137,7 @@ def run_edgetpu_compiler(path: Path, out_dir: Path) -> dict | None:
 
 
 def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str,
-          percentile: float, trt_version: int, log) -> "Built":
+          percentile: float, trt_version: int, log) -> Built:
     """fp32 .tflite, and fully integer int8 (ai-edge-quantizer) when the target lists int8; the op
     report of every candidate, checked against the target's constraints."""
     from . import Built
@@ -146,7 +150,7 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
         if precision == "fp32":
             built.candidates["fp32"] = fp32
         elif precision == "int8":
-            calib = calibration(spec.layout)
+            calib = calibration()
             out = work / "model.int8.tflite"
             quantize_full_int8(fp32, out, list(calib.batches(layout=spec.layout, batch_size=1)))
             built.candidates["int8"], built.calibration_sha256 = out, calib.sha256

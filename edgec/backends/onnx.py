@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from . import Built
 
 OPSET = 17  # dynamo=False keeps the requested opset; the dynamo exporter silently gives 18
 
@@ -55,7 +59,7 @@ def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dyna
 
 
 def build(encoder: nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str, percentile: float,
-          trt_version: int, log) -> "Built":
+          trt_version: int, log) -> Built:
     """fp32 ONNX always (it is what int8 is made from); int8 Q/DQ when the target lists it."""
     from . import Built
 

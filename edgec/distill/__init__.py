@@ -21,7 +21,7 @@ from typing import Literal
 
 from ..config import DistillSection, EdgecConfig, ModelSection
 from ..errors import InputError
-from ..manifest import atomic_write_json, file_record
+from ..manifest import atomic_write_json, file_record, package_versions
 from ..schema import to_dict
 
 SCHEMA = 1
@@ -149,21 +149,9 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
         "world_size": int(__import__("os").environ.get("WORLD_SIZE", "1")),
         "ranks_max_abs_diff": result.ranks_max_abs_diff,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "versions": _versions(),
+        "versions": package_versions("torch", "timm"),
     }
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         manifest["artifacts"] = [file_record(p, config.out) for p in sorted(student_dir.iterdir())]
         atomic_write_json(config.out / "manifest.json", manifest)
     return DistillOutputs(config.out, student_dir, manifest)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("edgec", "torch", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
