@@ -47,6 +47,8 @@ class Golden:
     text_embeddings: np.ndarray | None  # (C, D) float32, normalised
     label_ids: np.ndarray  # (N,) int, -1 unlabelled
     meta: dict
+    caption_embeddings: np.ndarray | None = None  # (M, D) teacher embeddings of every caption
+    caption_owner: np.ndarray | None = None  # (M,) index of the image each caption describes
 
     @property
     def labels(self) -> list[str]:
@@ -78,6 +80,12 @@ def build_golden(config: GoldenConfig, *, log=print) -> Path:
     arrays = {"images": loaded.pixels, "image_embeddings": image, "label_ids": folder.label_ids()[loaded.kept]}
     if text is not None:
         arrays["text_embeddings"] = text
+    if folder.has_captions and teacher.text_encoder is not None and teacher.tokenizer is not None:
+        owners = [i for i, it in enumerate(items) for _ in it.captions]
+        captions = [c for it in items for c in it.captions]
+        with torch.inference_mode():
+            arrays["caption_embeddings"] = teacher.encode_text(captions).numpy().astype(np.float16)
+        arrays["caption_owner"] = np.asarray(owners, np.int32)
     with staged_dir(config.out) as tmp:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
@@ -118,4 +126,6 @@ def load_golden(path: str | Path) -> Golden:
         raise InputError(f"{npz} is missing or does not match the sha256 in {GOLDEN_JSON}", hint="run 'edgec golden' again")
     with np.load(npz, allow_pickle=False) as z:
         return Golden(path, z["images"], z["image_embeddings"], z["text_embeddings"] if "text_embeddings" in z.files else None,
-                      z["label_ids"], meta)
+                      z["label_ids"], meta,
+                      z["caption_embeddings"].astype(np.float32) if "caption_embeddings" in z.files else None,
+                      z["caption_owner"] if "caption_owner" in z.files else None)

@@ -32,3 +32,11 @@ def top1_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
     return float(np.mean(pred_a == pred_b))
+
+
+def recall_at_k(image_emb: np.ndarray, caption_emb: np.ndarray, owner: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+    """Image -> text retrieval: share of images with one of their own captions among the top k."""
+    sims = l2_normalize(image_emb) @ l2_normalize(caption_emb).T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : max(ks)]
+    hits = owner[order] == np.arange(len(image_emb))[:, None]
+    return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}

@@ -18,7 +18,7 @@ from ..manifest import atomic_write_json, atomic_write_text, read_manifest, sha2
 from ..runtime.runners import open_runner
 from .gates import parse_gate
 from .golden import Golden, load_golden
-from .metrics import agreement, cosine, top1_accuracy, zero_shot_predictions
+from .metrics import agreement, cosine, recall_at_k, top1_accuracy, zero_shot_predictions
 
 DEFAULT_GATES = ("agreement>=0.97",)
 
@@ -52,6 +52,9 @@ def compute_metrics(emb: np.ndarray, golden: Golden) -> dict[str, float]:
             m["accuracy"] = top1_accuracy(pred, golden.label_ids)
             m["teacher_accuracy"] = top1_accuracy(ref, golden.label_ids)
             m["accuracy_delta"] = m["accuracy"] - m["teacher_accuracy"]
+    if golden.caption_embeddings is not None:
+        for k, v in recall_at_k(emb, golden.caption_embeddings, golden.caption_owner).items():
+            m[f"recall@{k}"] = v
     return m
 
 

@@ -60,6 +60,7 @@ def test_golden_set_records_teacher_outputs(built):
     assert golden.image_embeddings.shape == (120, 256) and golden.text_embeddings.shape == (24, 256)
     np.testing.assert_allclose(np.linalg.norm(golden.image_embeddings, axis=1), 1, atol=1e-5)
     assert golden.meta["device"] == "cpu" and len(golden.meta["captions"]) == 120
+    assert golden.caption_embeddings.shape == (120 * 6, 256) and golden.caption_owner.max() == 119
     assert (golden.label_ids >= 0).all()
 
 
@@ -100,6 +101,7 @@ def test_verify_passes_and_writes_reports(built, tmp_path, monkeypatch):
     m = report["results"][0]["metrics"]
     assert m["images"] == 120 and m["agreement"] >= 0.97 and m["cosine_p1"] > 0.99
     assert abs(m["accuracy_delta"]) <= 0.03
+    assert 0 < m["recall@1"] <= m["recall@5"] <= m["recall@10"] <= 1  # captions present: image->text retrieval
     assert json.loads((folder / "verify.json").read_text())["passed"] is True
     assert json.loads((folder / "manifest.json").read_text())["metrics"][_artifact(folder).name]["agreement"] >= 0.97
     assert 'tests="2" failures="0"' in junit.read_text()
