@@ -35,13 +35,14 @@ test: $(STAMP)
 
 # Speed and size live here, not in timed tests: rebuild the example's cpu target, time it and the
 # teacher, and rewrite BENCHMARKS.md.
+BENCH_TARGETS := cpu jetson edgetpu android-tflite
 bench: $(STAMP)
 	$(BIN)/python $(EXAMPLE)/make_data.py
 	cd $(EXAMPLE) && ../../$(BIN)/edgec golden
-	cd $(EXAMPLE) && ../../$(BIN)/edgec compile --target cpu
-	cd $(EXAMPLE) && ../../$(BIN)/edgec verify build/cpu
-	cd $(EXAMPLE) && ../../$(BIN)/edgec bench build/cpu --runs 100 --warmup 20 --teacher edgec.toml
-	cd $(EXAMPLE) && ../../$(BIN)/edgec report build/cpu --html build/report.html --benchmarks ../../BENCHMARKS.md
+	cd $(EXAMPLE) && ../../$(BIN)/edgec compile --target all
+	cd $(EXAMPLE) && for t in $(BENCH_TARGETS); do ../../$(BIN)/edgec verify build/$$t || exit 1; done
+	cd $(EXAMPLE) && for t in $(BENCH_TARGETS); do ../../$(BIN)/edgec bench build/$$t --runs 100 --warmup 20 --teacher edgec.toml || exit 1; done
+	cd $(EXAMPLE) && ../../$(BIN)/edgec report $(addprefix build/,$(BENCH_TARGETS)) --html build/report.html --benchmarks ../../BENCHMARKS.md
 
 # Rebuild the example teacher from scratch (data + training); see examples/shapes-clip/README.md.
 teacher: $(STAMP)

@@ -133,7 +133,7 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
         engine = None
         if target.runtime == "tensorrt":
             engine = _tensorrt_recipe(tmp, shipped, selection["chosen"], config)
-        accelerator = _accelerator_report(target, built, selection["chosen"], shipped, tmp, log)
+        accelerator = _accelerator_report(target, built, selection["chosen"], shipped, tmp, blog)
         head = None
         if text is not None:
             atomic_write_json(tmp / "labels.json", labels)
@@ -201,7 +201,7 @@ def _accelerator_report(target, built, chosen: str, shipped: Path, folder: Path,
     if target.constraints.supported_ops:
         first = report["first_unsupported"]
         if first is not None:
-            log(f"{folder.name}: first op off the accelerator: #{first['index']} {first['op']} ({'; '.join(first['reasons'])}); "
+            log(f"first op off the accelerator: #{first['index']} {first['op']} ({'; '.join(first['reasons'])}); "
                 f"it and every op after it run on the CPU")
     if target.accelerator_compiler == "edgetpu_compiler":
         from .backends.litert import run_edgetpu_compiler

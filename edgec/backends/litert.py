@@ -8,6 +8,7 @@ model gives int8 I/O and no float op: that is the route the Edge TPU needs.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ INTEGER_TYPES = ("int8", "uint8", "int32", "int16")
 def export(encoder: torch.nn.Module, input_shape: tuple[int, ...], path: Path, *, layout: str = "NHWC",
            normalize: bool = True) -> dict:
     """fp32 .tflite of ``encoder`` (L2 normalisation folded in when ``normalize``); NHWC input when ``layout`` says so."""
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # edgec reports its own progress
     litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
     model = NormalizedEmbedding(encoder, normalize).eval()
     n, *rest = input_shape
@@ -61,6 +63,7 @@ def quantize_full_int8(fp32: Path, out: Path, batches: list[np.ndarray]) -> None
     sig = interp.get_signature_list()
     key = next(iter(sig))
     arg = sig[key]["inputs"][0]
+    os.environ.setdefault("TQDM_DISABLE", "1")  # ai-edge-quantizer's progress bars; edgec reports its own
     q = quantizer.Quantizer(str(fp32), recipe.static_wi8_ai8())
     calib = {key: [{arg: b.astype(np.float32)} for b in batches]}
     with warnings.catch_warnings():
@@ -94,8 +97,11 @@ def op_report(path: Path, *, supported: frozenset[str] | None = None, max_rank: 
         kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     interp = mod.Interpreter(model_path=str(path), **kwargs)
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    details = interp._get_ops_details()  # noqa: SLF001 - the only op listing LiteRT exposes
+    # activations: what some op produces, and the graph inputs (constant weights, 4-D for convs, are exempt)
+    activations = {t for op in details for t in op["outputs"]} | {d["index"] for d in interp.get_input_details()}
     ops, float_ops, first_off = [], [], None
-    for i, op in enumerate(interp._get_ops_details()):  # noqa: SLF001 - the only op listing LiteRT exposes
+    for i, op in enumerate(details):
         reasons = []
         touched = [tensors[t] for t in list(op["inputs"]) + list(op["outputs"]) if t >= 0 and t in tensors]
         dtypes = {np.dtype(t["dtype"]).name for t in touched}
@@ -107,7 +113,7 @@ def op_report(path: Path, *, supported: frozenset[str] | None = None, max_rank: 
         if supported is not None and is_float:
             reasons.append("float tensors (" + ", ".join(sorted(d for d in dtypes if d.startswith("float"))) + ")")
         if max_rank is not None:
-            for t in touched:
+            for t in (t for t in touched if t["index"] in activations):
                 shape = [int(d) for d in t["shape"]]
                 if len(shape) > max_rank and any(d > 1 for d in shape[:-max_rank]):
                     reasons.append(f"tensor {t['name']} has shape {shape}: more than {max_rank} dims larger than 1")

@@ -43,8 +43,8 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
             raise InputError(f"cannot read {path}: {exc}", hint="the checkpoint is corrupt or truncated") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True) if not trust_pickle else \
-                torch.load(path, map_location="cpu", weights_only=False)  # noqa: S614 - the user opted in
+            # full unpickling (code execution) only when the user passed --trust-pickle
+            state = torch.load(path, map_location="cpu", weights_only=True if not trust_pickle else False)
         except pickle.UnpicklingError as exc:
             raise InputError(f"{path} holds pickled Python objects, not only tensors ({str(exc).splitlines()[0][:120]})",
                              hint="re-save it as a plain state_dict or safetensors; pass --trust-pickle only if you trust its source") from None

@@ -155,7 +155,9 @@ def benchmarks_markdown(folders: list[Path]) -> str:
              f"Written by `make bench` on {datetime.date.today().isoformat()}: {machine.get('cpu', '?')}, "
              f"{machine.get('cores', '?')} cores, no GPU. Latency is the median of single-image runs after warm-up, "
              "so ±20 % between runs is noise; agreement is zero-shot top-1 agreement with the full-precision teacher "
-             "on the golden eval set.", ""]
+             "on the golden eval set. Shipped artifacts: `edgec bench` latency; candidates that did not ship: the latency "
+             "measured when compile chose between them (30 runs). Jetson and Edge TPU rows run on this CPU: they show "
+             "accuracy and size, not device speed.", ""]
     for e in entries:
         m, v, b = e["manifest"], e["verify"], e["bench"] or {}
         lines += [f"## {m['target']}", "", f"Model on the device: {m.get('model')}; input {m['inputs'][0]['shape']}.", "",
@@ -167,16 +169,22 @@ def benchmarks_markdown(folders: list[Path]) -> str:
             lines.append(f"| teacher {teacher['name']} | fp32 | eager PyTorch | {teacher['median_ms']:.2f} | - | 1.0000 | "
                          f"{t_acc:.4f} | 1.0000 |" if t_acc is not None else
                          f"| teacher {teacher['name']} | fp32 | eager PyTorch | {teacher['median_ms']:.2f} | - | - | - | - |")
-        shipped = {r["artifact"]: r for r in v["results"]}
-        timed = {r["artifact"]: r for r in b.get("results", [])}
-        for c in (m.get("selection") or {}).get("candidates", []):
-            name = f"model.{c['precision']}.onnx"
-            if "median_ms" not in c:
-                continue
-            mark = " (shipped)" if name in shipped else ""
-            lat = timed[name]["median_ms"] if name in timed else c["median_ms"]
+        shipped = {r["precision"]: r for r in v["results"]}
+        timed = {r["precision"]: r for r in b.get("results", [])}
+        runtime = m["artifacts"][0]["runtime"]
+        measured_on = "onnxruntime (Q/DQ on this CPU, not TensorRT)" if runtime == "tensorrt" else \
+            "LiteRT on this CPU (not the Edge TPU)" if m["target"] == "edgetpu" else runtime
+        rows = [c for c in (m.get("selection") or {}).get("candidates", []) if "median_ms" in c]
+        if not rows:  # candidates not timed at compile time: the shipped artifact, from verify + bench
+            rows = [{"precision": p, "median_ms": timed[p]["median_ms"] if p in timed else float("nan"),
+                     "bytes": next(a["bytes"] for a in m["artifacts"] if a.get("precision") == p),
+                     "metrics": r["metrics"]} for p, r in shipped.items()]
+        for c in rows:
+            p = c["precision"]
+            mark = " (shipped)" if p in shipped else ""
+            lat = timed[p]["median_ms"] if p in timed else c["median_ms"]
             cm = c["metrics"]
-            lines.append(f"| {m.get('model')}{mark} | {c['precision']} | {m['artifacts'][0]['runtime']} | {lat:.2f} | "
+            lines.append(f"| {m.get('model')}{mark} | {p} | {measured_on} | {lat:.2f} | "
                          f"{c['bytes'] / 1e6:.2f} | {cm.get('agreement', float('nan')):.4f} | "
                          f"{cm.get('accuracy', float('nan')):.4f} | {cm['cosine_mean']:.4f} |")
         lines.append("")
