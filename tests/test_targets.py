@@ -116,3 +116,15 @@ def test_android_tflite_ships_the_fastest_passing_precision(project):
     assert sel["chosen"] == min(passing, key=lambda c: c["median_ms"])["precision"]
     assert manifest["ops"]["candidates_float_ops"]["int8"] == 0
     assert runner.invoke(app, ["verify", str(build / "android-tflite")]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_all_convolution_student_maps_entirely_onto_the_edge_tpu(tmp_path, shapes_data):
+    """Constant 4-D conv filters are fine; activations decide. A conv student has no op off the TPU."""
+    config = write_project(tmp_path, shapes_data, extra='[gates]\nedgetpu = ["cosine_mean>=0.0"]\n')
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["compile", "--config", str(config), "--target", "edgetpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    ops = json.loads((tmp_path / "build" / "edgetpu" / "manifest.json").read_text())["ops"]
+    assert ops["float_ops"] == [] and ops["first_unsupported"] is None
+    assert ops["mapped_share"] == 1.0 and ops["mapped_in_one_subgraph"] == ops["total"]
