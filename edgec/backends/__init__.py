@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MissingToolchain, UnknownNameError, did_you_mean
+from ..errors import InputError, MissingToolchain, UnknownNameError, did_you_mean
 
 BACKENDS = {
     "onnx": ("edgec.backends.onnx", "onnx onnxscript"),
@@ -35,3 +36,17 @@ class Built:
     report: dict | None = None
     calibration_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def precision_candidates(spec, backend: str, fp32: Path, make_int8: Callable[[], tuple[Path, str]]) -> tuple[dict[str, Path], str | None]:
+    """The target's precisions, in its order: fp32 as built, int8 from ``make_int8`` (-> path, calibration sha256)."""
+    candidates: dict[str, Path] = {}
+    calibration_sha = None
+    for precision in spec.precisions:
+        if precision == "fp32":
+            candidates["fp32"] = fp32
+        elif precision == "int8":
+            candidates["int8"], calibration_sha = make_int8()
+        else:
+            raise InputError(f"the {backend} backend does not build {precision!r}", hint="list fp32 or int8 in the target file")
+    return candidates, calibration_sha

@@ -14,15 +14,13 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import InputError, require_module
 
-if TYPE_CHECKING:
-    from . import Built
+from . import Built, precision_candidates
 from .onnx import NormalizedEmbedding
 
 INTEGER_TYPES = ("int8", "uint8", "int32", "int16")
@@ -146,24 +144,19 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
           percentile: float, trt_version: int, log) -> Built:
     """fp32 .tflite, and fully integer int8 (ai-edge-quantizer) when the target lists int8; the op
     report of every candidate, checked against the target's constraints."""
-    from . import Built
-
     fp32 = work / "model.fp32.tflite"
     io = export(encoder, shape, fp32, layout=spec.layout, normalize=spec.normalize_output)
     log(f"converted fp32 TFLite ({fp32.stat().st_size / 1e6:.2f} MB)")
     built = Built(candidates={}, format="tflite", io=io)
-    for precision in spec.precisions:
-        if precision == "fp32":
-            built.candidates["fp32"] = fp32
-        elif precision == "int8":
-            calib = calibration()
-            out = work / "model.int8.tflite"
-            quantize_full_int8(fp32, out, list(calib.batches(layout=spec.layout, batch_size=1)))
-            built.candidates["int8"], built.calibration_sha256 = out, calib.sha256
-            log(f"int8 TFLite (ai-edge-quantizer static int8, {len(calib)} calibration images, "
-                f"{out.stat().st_size / 1e6:.2f} MB)")
-        else:
-            raise InputError(f"the litert backend does not build {precision!r}", hint="list fp32 or int8 in the target file")
+
+    def int8() -> tuple[Path, str]:
+        calib = calibration()
+        out = work / "model.int8.tflite"
+        quantize_full_int8(fp32, out, list(calib.batches(layout=spec.layout, batch_size=1)))
+        log(f"int8 TFLite (ai-edge-quantizer static int8, {len(calib)} calibration images, {out.stat().st_size / 1e6:.2f} MB)")
+        return out, calib.sha256
+
+    built.candidates, built.calibration_sha256 = precision_candidates(spec, "litert", fp32, int8)
     c = spec.constraints
     supported = frozenset(c.supported_ops) if c.supported_ops else None
     built.report = {p: op_report(path, supported=supported, max_rank=c.max_tensor_rank)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,8 +11,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 
-if TYPE_CHECKING:
-    from . import Built
+from . import Built, precision_candidates
 
 OPSET = 17  # dynamo=False keeps the requested opset; the dynamo exporter silently gives 18
 
@@ -61,27 +59,23 @@ def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dyna
 def build(encoder: nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str, percentile: float,
           trt_version: int, log) -> Built:
     """fp32 ONNX always (it is what int8 is made from); int8 Q/DQ when the target lists it."""
-    from . import Built
-
     fp32 = work / "model.fp32.onnx"
     with torch.no_grad():
         io = export(encoder.eval(), shape, fp32, dynamic_batch=not spec.constraints.static_shapes,
                     normalize=spec.normalize_output)
     log(f"exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
     built = Built(candidates={}, format="onnx", io=io)
-    for precision in spec.precisions:
-        if precision == "fp32":
-            built.candidates["fp32"] = fp32
-        elif precision == "int8":
-            from ..quantize.onnx_qdq import quantize_onnx
 
-            calib = calibration()
-            q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=method, percentile=percentile,
-                              trt_version=trt_version)
-            built.candidates["int8"], built.calibration_sha256 = q.path, calib.sha256
-            built.files["calibration.cache"] = q.trt_cache
-            log(f"int8 Q/DQ ONNX, {method} ranges from {len(calib)} calibration images, {q.qdq_pairs} Q/DQ pairs "
-                f"({q.path.stat().st_size / 1e6:.2f} MB); TensorRT calibration cache written")
-        else:
-            raise InputError(f"the onnx backend does not build {precision!r}", hint="list fp32 or int8 in the target file")
+    def int8() -> tuple[Path, str]:
+        from ..quantize.onnx_qdq import quantize_onnx
+
+        calib = calibration()
+        q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=method, percentile=percentile,
+                          trt_version=trt_version)
+        built.files["calibration.cache"] = q.trt_cache
+        log(f"int8 Q/DQ ONNX, {method} ranges from {len(calib)} calibration images, {q.qdq_pairs} Q/DQ pairs "
+            f"({q.path.stat().st_size / 1e6:.2f} MB); TensorRT calibration cache written")
+        return q.path, calib.sha256
+
+    built.candidates, built.calibration_sha256 = precision_candidates(spec, "onnx", fp32, int8)
     return built
