@@ -26,6 +26,8 @@ from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text,
 from .quantize.calibration import CalibrationSpec
 
 SCHEMA = 1
+VERSION_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "tflite": ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
+                    "pte": ("executorch", "torchao")}
 
 
 @dataclass(frozen=True)
@@ -153,13 +155,14 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
             "outputs": io_records["outputs"],
             "head": head,
             "sources": sources,
-            "versions": package_versions("torch", "onnx", "onnxruntime") if built.format == "onnx" else
-                        package_versions("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
+            "versions": package_versions("torch", *VERSION_PACKAGES[built.format]),
             "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1)},
             "gates": gates,
             "selection": selection,
             "tensorrt": engine,
             "ops": accelerator,
+            "delegation": {"shipped": built.delegation[selection["chosen"]], "candidates": built.delegation}
+            if built.delegation else None,
             "metrics": None,
         }
         atomic_write_json(tmp / "manifest.json", manifest)

@@ -128,3 +128,26 @@ def test_all_convolution_student_maps_entirely_onto_the_edge_tpu(tmp_path, shape
     ops = json.loads((tmp_path / "build" / "edgetpu" / "manifest.json").read_text())["ops"]
     assert ops["float_ops"] == [] and ops["first_unsupported"] is None
     assert ops["mapped_share"] == 1.0 and ops["mapped_in_one_subgraph"] == ops["total"]
+
+
+@pytest.mark.slow
+def test_android_pte_with_the_xnnpack_delegate(tmp_path, shapes_data):
+    config = write_project(tmp_path, shapes_data, extra='[gates]\nandroid = ["cosine_mean>=0.0"]\n')
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["compile", "--config", str(config), "--target", "android", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "build" / "android"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert art["format"] == "pte" and art["runtime"] == "executorch" and art["path"].endswith(".pte")
+    assert [c["precision"] for c in manifest["selection"]["candidates"]] == ["int8", "fp32"]
+    for precision, d in manifest["delegation"]["candidates"].items():
+        assert d["delegate"] == "xnnpack" and d["delegated_subgraphs"] >= 1 and 0.5 < d["delegated_share"] <= 1
+    int8 = next(c for c in manifest["selection"]["candidates"] if c["precision"] == "int8")
+    fp32 = next(c for c in manifest["selection"]["candidates"] if c["precision"] == "fp32")
+    assert abs(int8["metrics"]["cosine_mean"] - fp32["metrics"]["cosine_mean"]) < 0.05  # int8 tracks fp32
+    verify = runner.invoke(app, ["verify", str(folder), "--json"])
+    assert verify.exit_code == 0, verify.output
+    m = json.loads(verify.stdout)["results"][0]["metrics"]
+    chosen = next(c for c in manifest["selection"]["candidates"] if c["precision"] == manifest["selection"]["chosen"])
+    assert m["cosine_mean"] == pytest.approx(chosen["metrics"]["cosine_mean"], abs=1e-5)  # same runtime, same numbers

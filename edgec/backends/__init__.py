@@ -12,6 +12,7 @@ from ..errors import InputError, MissingToolchain, UnknownNameError, did_you_mea
 BACKENDS = {
     "onnx": ("edgec.backends.onnx", "onnx onnxscript"),
     "litert": ("edgec.backends.litert", "litert-torch ai-edge-quantizer"),
+    "executorch": ("edgec.backends.executorch", "executorch torchao"),
 }
 
 
@@ -35,6 +36,7 @@ class Built:
     files: dict[str, str] = field(default_factory=dict)  # extra text files for the target folder
     report: dict | None = None
     calibration_sha256: str | None = None
+    delegation: dict | None = None  # per precision: delegated subgraphs, share, ops left outside (ExecuTorch)
     notes: list[str] = field(default_factory=list)
 
 

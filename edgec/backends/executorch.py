@@ -1,0 +1,89 @@
+"""ExecuTorch: ``.pte`` programs with the XNNPACK delegate (Android, iOS), fp32 and PT2E int8.
+
+``torch.export`` -> (int8: ``XNNPACKQuantizer`` with per-channel symmetric weights and static
+activations, ``prepare_pt2e`` / calibrate / ``convert_pt2e``) -> ``to_edge_transform_and_lower``
+with the XNNPACK partitioner -> ``.pte``. timm's fused attention is switched off first (it
+halves MobileViT latency in the ``.pte``). The report says how many nodes were delegated, into
+how many XNNPACK subgraphs, and which op types stayed outside.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, require_module
+from ..models.student import disable_fused_attention
+from . import Built, precision_candidates
+from .onnx import NormalizedEmbedding
+
+
+def _lower(ep, path: Path) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    info = get_delegation_info(edge.exported_program().graph_module)
+    path.write_bytes(edge.to_executorch().buffer)
+    outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items() if b.non_delegated}
+    total = info.num_delegated_nodes + info.num_non_delegated_nodes
+    return {"delegate": "xnnpack", "delegated_subgraphs": info.num_delegated_subgraphs,
+            "delegated_nodes": info.num_delegated_nodes, "non_delegated_nodes": info.num_non_delegated_nodes,
+            "delegated_share": round(info.num_delegated_nodes / total, 4) if total else 0.0,
+            "not_delegated_ops": dict(sorted(outside.items(), key=lambda kv: -kv[1]))}
+
+
+def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str,
+          percentile: float, trt_version: int, log) -> Built:
+    require_module("executorch", install="executorch", purpose="ExecuTorch (.pte) targets")
+    model = NormalizedEmbedding(encoder, spec.normalize_output).eval()
+    disable_fused_attention(model)
+    example = (torch.zeros(*shape),)
+    with torch.no_grad():
+        dim = int(model(*example).shape[-1])
+    reports: dict[str, dict] = {}
+
+    def export():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.export(model, example)
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many types; say which op/line it names
+            raise InputError(f"torch.export failed: {str(exc).splitlines()[0][:300]}",
+                             hint="the model is not exportable as it is; try another student") from None
+
+    fp32 = work / "model.fp32.pte"
+    reports["fp32"] = _lower(export(), fp32)
+    log(f"fp32 .pte ({fp32.stat().st_size / 1e6:.2f} MB), {reports['fp32']['delegated_subgraphs']} XNNPACK subgraphs, "
+        f"{reports['fp32']['delegated_share']:.0%} of nodes delegated")
+
+    def int8() -> tuple[Path, str]:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                             get_symmetric_quantization_config)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        calib = calibration()
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        prepared = prepare_pt2e(export().module(), quantizer)
+        with torch.no_grad():
+            for batch in calib.batches(layout="NCHW", batch_size=1):
+                prepared(torch.from_numpy(batch))
+        converted = convert_pt2e(prepared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(converted, example)
+        out = work / "model.int8.pte"
+        reports["int8"] = _lower(ep, out)
+        log(f"int8 .pte (PT2E XNNPACKQuantizer, {len(calib)} calibration images, {out.stat().st_size / 1e6:.2f} MB), "
+            f"{reports['int8']['delegated_subgraphs']} XNNPACK subgraphs, {reports['int8']['delegated_share']:.0%} delegated")
+        return out, calib.sha256
+
+    candidates, calib_sha = precision_candidates(spec, "executorch", fp32, int8)
+    io = {"inputs": [{"name": "pixels", "shape": list(shape), "dtype": "float32", "quantization": None}],
+          "outputs": [{"name": "embedding", "shape": [shape[0], dim], "dtype": "float32",
+                       "normalized": spec.normalize_output}]}
+    return Built(candidates=candidates, format="pte", io=io, report=None, calibration_sha256=calib_sha,
+                 delegation={p: reports[p] for p in candidates})
