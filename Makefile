@@ -35,7 +35,7 @@ test: $(STAMP)
 
 # Speed and size live here, not in timed tests: rebuild the example's cpu target, time it and the
 # teacher, and rewrite BENCHMARKS.md.
-BENCH_TARGETS := cpu jetson edgetpu android-tflite
+BENCH_TARGETS := cpu jetson edgetpu android-tflite android ios
 bench: $(STAMP)
 	$(BIN)/python $(EXAMPLE)/make_data.py
 	cd $(EXAMPLE) && ../../$(BIN)/edgec golden

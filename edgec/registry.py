@@ -49,7 +49,8 @@ class TargetSpec:
     constraints: Constraints = doc(help="what the target's hardware accepts", factory=Constraints)
     gates: list[str] = doc(help="default verification gates", factory=lambda: ["agreement>=0.97"])
     select: Literal["fastest-passing", "first"] = doc(
-        "first", help="fastest-passing: time and verify every precision here, ship the fastest that passes the gates; "
+        "first", help="fastest-passing: time and verify every precision here, ship the fastest that passes the gates "
+                      "(within 10 % the earlier-listed precision wins); "
                       "first: ship the first precision (runtimes that cannot be measured on the build machine)")
     normalize_output: bool = doc(True, help="fold the L2 normalisation into the graph (off where the accelerator "
                                             "cannot run it in int8: the app normalises the embedding itself)")
