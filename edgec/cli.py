@@ -267,6 +267,7 @@ def compile_cmd(
     config: ConfigOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/<target>).")] = None,
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Compile the teacher's image tower as it is.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when the inputs are unchanged.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -288,7 +289,7 @@ def compile_cmd(
     results = []
     for name in targets:
         res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
-                                  progress=progress and not as_json, device=device, log=log)
+                                  progress=progress and not as_json, device=device, force=force, log=log)
         results.append(res)
         if not as_json:
             files = ", ".join(a["path"] for a in res.manifest["artifacts"])

@@ -62,7 +62,61 @@ class CompileOutputs:
     manifest: dict
 
 
-def run(config: CompileConfig, *, log=print) -> CompileOutputs:
+def cache_key(config: CompileConfig) -> str:
+    """Hash of everything a target folder depends on; an unchanged key means the folder is up to date."""
+    import hashlib
+    import json
+
+    from .distill.data import source_identity
+    from .manifest import sha256_tree
+    from .schema import to_dict
+
+    entry = registry.get("targets", config.target)
+    parts = {
+        "edgec": package_versions()["edgec"],
+        "target": sha256_file(entry.path),
+        "teacher": source_identity(config.teacher.path),
+        "student": json.loads((config.student / "edgec_student.json").read_text()).get("weights_sha256")
+        if config.student else None,
+        "head": sha256_tree(config.head_data) if config.head_data else None,
+        "calibration": sha256_path_or_none(config.calibration.source) if config.calibration else None,
+        "golden": sha256_path_or_none(config.golden / "golden.npz") if config.golden else None,
+        "config": {k: v for k, v in to_dict(config).items() if k not in ("out", "config_sha256")},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_path_or_none(path: Path) -> str | None:
+    from .manifest import sha256_path
+
+    return sha256_path(path) if path.exists() else None
+
+
+def up_to_date(config: CompileConfig, key: str) -> dict | None:
+    """The existing manifest when ``config.out`` was built from the same inputs and its files are intact."""
+    import json
+
+    path = config.out / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if manifest.get("build", {}).get("cache_key") != key:
+        return None
+    for art in manifest.get("artifacts", []):
+        f = config.out / art["path"]
+        if not f.is_file() or sha256_file(f) != art["sha256"]:
+            return None
+    return manifest
+
+
+def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutputs:
+    key = cache_key(config)
+    if not force and (cached := up_to_date(config, key)) is not None:
+        log(f"{config.target}: up to date in {config.out} (inputs unchanged; --force rebuilds)")
+        return CompileOutputs(config.out, cached)
     from .backends import get_backend
     from .data.folder import read_folder
     from .distill.data import teacher_identity
@@ -157,7 +211,8 @@ def run(config: CompileConfig, *, log=print) -> CompileOutputs:
             "head": head,
             "sources": sources,
             "versions": package_versions("torch", *VERSION_PACKAGES[built.format]),
-            "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1)},
+            "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1),
+                      "cache_key": key},
             "gates": gates,
             "selection": selection,
             "tensorrt": engine,
@@ -282,7 +337,7 @@ def check_device(manifest: dict, folder: Path, device_name: str) -> list[str]:
 
 def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = False, out: Path | None = None,
                         config_path: Path | None = None, progress: bool = True, device: str | None = None,
-                        log=print) -> CompileOutputs:
+                        force: bool = False, log=print) -> CompileOutputs:
     """Compile ``target`` from edgec.toml, distilling the student first when it is missing."""
     from .distill import DistillConfig
     from .distill import run as distill
@@ -329,7 +384,7 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                          trt_version=trt_version_code(dev.runtimes["tensorrt"]) if dev and "tensorrt" in dev.runtimes else 100300,
                          method=cfg.quantize.method, percentile=cfg.quantize.percentile,
                          golden=golden if (golden / "golden.json").is_file() else None)
-    result = run(ccfg, log=log)
+    result = run(ccfg, log=log, force=force)
     if device:
         for note in check_device(result.manifest, result.out, device):
             log(f"{target}: note: {note}")

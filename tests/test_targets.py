@@ -151,3 +151,21 @@ def test_android_pte_with_the_xnnpack_delegate(tmp_path, shapes_data):
     m = json.loads(verify.stdout)["results"][0]["metrics"]
     chosen = next(c for c in manifest["selection"]["candidates"] if c["precision"] == manifest["selection"]["chosen"])
     assert m["cosine_mean"] == pytest.approx(chosen["metrics"]["cosine_mean"], abs=1e-5)  # same runtime, same numbers
+
+
+def test_second_compile_with_unchanged_inputs_reuses_the_folder(project):
+    import time
+
+    config, build = project
+    compile_target(config, "--target", "jetson")
+    before = (build / "jetson" / "manifest.json").read_bytes()
+    t0 = time.time()
+    again = compile_target(config, "--target", "jetson")
+    assert "jetson: up to date" in again.stdout and time.time() - t0 < 10
+    assert (build / "jetson" / "manifest.json").read_bytes() == before
+    forced = compile_target(config, "--target", "jetson", "--force")
+    assert "up to date" not in forced.stdout and "int8 Q/DQ ONNX" in forced.stdout
+    config.write_text(config.read_text() + '[gates]\njetson = ["agreement>=0.9"]\n')  # an input changed
+    changed = compile_target(config, "--target", "jetson")
+    assert "up to date" not in changed.stdout
+    assert json.loads((build / "jetson" / "manifest.json").read_text())["gates"] == ["agreement>=0.9"]

@@ -35,15 +35,20 @@ class TeacherTargets:
     cached: bool  # read from the cache rather than computed
 
 
-def teacher_identity(model) -> str:
-    """A hash that changes when the teacher's weights change."""
-    src = Path(model.source)
+def source_identity(path: str | Path) -> str:
+    """A hash that changes when the model at ``path`` changes (recorded weights sha256, else the files')."""
+    src = Path(path)
     cfg = src / "edgec_model.json"
     if cfg.is_file():
         sha = json.loads(cfg.read_text()).get("weights_sha256")
         if sha:
             return sha
     return sha256_path(src)
+
+
+def teacher_identity(model) -> str:
+    """A hash that changes when the teacher's weights change."""
+    return source_identity(model.source)
 
 
 def folder_identity(folder: ImageFolder) -> str:
