@@ -56,7 +56,7 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     return path
 
 
-def _read_captions(root: Path, file: Path) -> list[Item]:
+def read_captions(root: Path, file: Path) -> list[Item]:
     items: list[Item] = []
     with open(file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -94,7 +94,7 @@ def read_folder(root: str | Path, captions_file: str = CAPTIONS_FILE) -> ImageFo
         raise InputError(f"not a folder: {root}", hint="give a folder of images")
     cap = root / captions_file
     if cap.is_file():
-        items = _read_captions(root, cap)
+        items = read_captions(root, cap)
     else:
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         items = [Item(p, d.name.replace("_", " ")) for d in subdirs for p in sorted(d.iterdir()) if _is_image(p)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.folder import CAPTIONS_FILE, ImageFolder, Item, _read_captions, load_rgb, read_folder
+from ..data.folder import ImageFolder, Item, load_rgb, read_captions, read_folder
 from ..data.preprocess import IMAGE_SUFFIXES, Preprocess
 from ..errors import InputError
 from ..manifest import sha256_file
@@ -67,7 +67,7 @@ def _read_source(source: Path) -> ImageFolder:
     if source.is_dir():
         return read_folder(source)
     if source.name.endswith(".jsonl"):
-        items = _read_captions(source.parent, source)
+        items = read_captions(source.parent, source)
         return ImageFolder(source.parent, items, sorted({i.label for i in items if i.label}))
     if source.suffix.lower() in IMAGE_SUFFIXES:
         raise InputError(f"{source} is a single image", hint="calibration needs a folder or a list of images")
@@ -127,4 +127,4 @@ def load_calibration(spec: CalibrationSpec, preprocess: Preprocess) -> Calibrati
                           loaded.bad, preprocess)
 
 
-__all__ = ["CalibrationSpec", "CalibrationSet", "load_calibration", "sample_indices", "CAPTIONS_FILE"]
+__all__ = ["CalibrationSpec", "CalibrationSet", "load_calibration", "sample_indices"]
