@@ -45,25 +45,27 @@ def _logger(quiet: bool):
     return (lambda *_: None) if quiet else (lambda text: out.print(text, markup=False))
 
 
+def _guarded(fn):
+    """Turn an :class:`EdgecError` raised by ``fn`` into one line on stderr (JSON too with --json) and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any):
+        try:
+            return fn(*a, **kw)
+        except EdgecError as exc:
+            if _state["traceback"]:
+                raise
+            if kw.get("as_json"):
+                _emit_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
 def _command(*args: Any, target: typer.Typer = app, **kwargs: Any):
-    """Register a command whose :class:`EdgecError` becomes one line on stderr and its exit code."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any):
-            try:
-                return fn(*a, **kw)
-            except EdgecError as exc:
-                if _state["traceback"]:
-                    raise
-                if kw.get("as_json"):
-                    _emit_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
-                err.print(f"error: {exc}", markup=False)
-                raise typer.Exit(exc.exit_code) from None
-
-        return target.command(*args, **kwargs)(wrapper)
-
-    return decorate
+    """Register a command whose errors are handled by :func:`_guarded`."""
+    return lambda fn: target.command(*args, **kwargs)(_guarded(fn))
 
 
 def _version(value: bool) -> None:
@@ -417,15 +419,12 @@ def targets_cmd(as_json: JsonOpt = False) -> None:
 
 
 @devices_app.callback()
+@_guarded
 def devices_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the device profiles (devices/*.toml); 'devices show NAME' for one."""
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        rows = _registry_rows("devices")
-    except EdgecError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code) from None
+    rows = _registry_rows("devices")
     if as_json:
         _emit_json(rows)
         return

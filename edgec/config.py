@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError, InputError
-from .schema import doc, field_docs, from_dict, to_dict
+from .schema import doc, from_dict, to_dict
 from .verify.gates import parse_gate
 
 CONFIG_VERSION = 1
@@ -187,17 +187,3 @@ def config_from_dict(data: dict, *, root: Path = Path("."), source: str = "<dict
 def _with_root(config: EdgecConfig, root: Path) -> EdgecConfig:
     object.__setattr__(config, "root", root)
     return config
-
-
-def section_docs() -> dict[str, dict[str, str]]:
-    """Help text of every key, per section (for ``edgec init``)."""
-    return {
-        "model": field_docs(ModelSection),
-        "student": field_docs(StudentSection),
-        "data": field_docs(DataSection),
-        "distill": field_docs(DistillSection),
-        "distill.losses": field_docs(LossWeights),
-        "calibration": field_docs(CalibrationSection),
-        "quantize": field_docs(QuantizeSection),
-        "targets": field_docs(TargetsSection),
-    }

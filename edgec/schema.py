@@ -162,11 +162,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """``help`` metadata of each field, for annotated config files and ``--help``."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
 def doc(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None) -> Any:
     """A dataclass field with a help text (used by ``edgec init`` to annotate the file)."""
     if factory is not None:
@@ -174,4 +169,4 @@ def doc(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None) -
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-__all__ = ["from_dict", "to_dict", "field_docs", "doc"]
+__all__ = ["from_dict", "to_dict", "doc"]

@@ -77,7 +77,8 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
     from ..models.base import count_macs, count_params
     from ..models.student import StudentSpec, check_student_name, create_student
     from .data import folder_identity, teacher_identity, teacher_targets
-    from .trainer import to_split, train
+    from .ddp import Dist
+    from .trainer import resolve_device, to_split, train
 
     t0 = time.time()
     check_student_name(config.student)
@@ -85,10 +86,8 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
                          trust_pickle=config.teacher.trust_pickle)
     spec = StudentSpec(config.student, teacher.embed_dim,
                        teacher.preprocess.with_size(config.image_size) if config.image_size else teacher.preprocess)
-    if config.params.device not in ("auto", "cpu") and config.params.device.startswith("cuda") and torch.cuda.is_available():
-        teacher.to(config.params.device.split(":")[0] if ":" not in config.params.device else config.params.device)
-    elif config.params.device == "auto" and torch.cuda.is_available():
-        teacher.to("cuda")
+    device = resolve_device(config.params.device, Dist.from_env())
+    teacher.to(device)
 
     prompts = list(config.prompts)
     splits = {}
@@ -145,7 +144,7 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
         "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 1),
         "total_seconds": round(time.time() - t0, 1),
-        "device": config.params.device if config.params.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "device": str(device),
         "world_size": int(__import__("os").environ.get("WORLD_SIZE", "1")),
         "ranks_max_abs_diff": result.ranks_max_abs_diff,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},

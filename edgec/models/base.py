@@ -95,18 +95,6 @@ class MultimodalModel:
         return out
 
 
-class EmbeddingHead(nn.Module):
-    """Applies ``fn`` to a wrapped model: turns a method of a source model into a tower."""
-
-    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.model, x)
-
-
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -50,9 +50,6 @@ class WordTokenizer:
             out[row, : len(seq)] = seq
         return out
 
-    def unknown_words(self, texts: Iterable[str]) -> list[str]:
-        return sorted({w for t in texts for w in words(t) if w not in self.index})
-
 
 class HFTokenizer:
     """A Hugging Face tokenizer padded to the text tower's context length."""
