@@ -117,17 +117,99 @@ def file_record(path: Path, root: Path, **extra: Any) -> dict[str, Any]:
 MANIFEST = "manifest.json"
 
 
+def inside(root: str | Path, rel: Any, where: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root`` (symlinks resolved);
+    :class:`InputError` otherwise. Every path read from a manifest, captions or config file goes through this."""
+    from .errors import InputError
+
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise InputError(f"{where}: expected a relative file path, got {rel!r}")
+    root = Path(root)
+    path = root / rel
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise InputError(f"{where}: path {rel!r} points outside the folder {root}", hint="paths must be relative to the folder")
+    return path
+
+
+def _expect(ok: bool, where: str, what: str) -> None:
+    from .errors import InputError
+
+    if not ok:
+        raise InputError(f"{where}: {what}", hint="the manifest is damaged or not written by edgec; compile the target again")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_tensor(rec: Any, where: str) -> None:
+    _expect(isinstance(rec, dict), where, "each tensor record must be an object")
+    _expect(isinstance(rec.get("name"), str), where, "'name' must be a string")
+    shape = rec.get("shape")
+    _expect(isinstance(shape, list) and len(shape) > 0 and all(_is_int(d) and d >= 0 or isinstance(d, str) for d in shape),
+            where, f"'shape' must be a list of sizes, got {shape!r}")
+    _expect(isinstance(rec.get("dtype"), str), where, "'dtype' must be a string")
+    q = rec.get("quantization")
+    if q is not None:
+        _expect(isinstance(q, dict) and isinstance(q.get("scale"), int | float) and not isinstance(q.get("scale"), bool)
+                and q["scale"] > 0 and _is_int(q.get("zero_point")), where,
+                "'quantization' must be null or {\"scale\": > 0, \"zero_point\": int}")
+
+
+def validate_manifest(manifest: Any, folder: str | Path, where: str = MANIFEST) -> dict[str, Any]:
+    """Check the parts of a target manifest that verify, bench and inspect rely on; returns it unchanged.
+
+    A manifest is input like any other (it may come from another machine or be edited by hand):
+    wrong types, missing records and paths leaving the folder are :class:`InputError`, never a crash.
+    """
+    from .data.preprocess import Preprocess
+
+    _expect(isinstance(manifest, dict), where, "must be a JSON object")
+    _expect(manifest.get("schema") == 1, where, f"unsupported schema {manifest.get('schema')!r} (this edgec reads schema 1)")
+    arts = manifest.get("artifacts")
+    _expect(isinstance(arts, list) and len(arts) > 0, where, "'artifacts' must be a non-empty list")
+    for i, art in enumerate(arts):
+        w = f"{where}: artifacts[{i}]"
+        _expect(isinstance(art, dict), w, "must be an object")
+        inside(folder, art.get("path"), f"{w}.path")
+        _expect(isinstance(art.get("sha256"), str) and len(art["sha256"]) == 64, w, "'sha256' must be a 64-hex string")
+        _expect(_is_int(art.get("bytes")) and art["bytes"] >= 0, w, "'bytes' must be a non-negative integer")
+        _expect(isinstance(art.get("runtime"), str), w, "'runtime' must be a string")
+    for key in ("inputs", "outputs"):
+        recs = manifest.get(key)
+        _expect(isinstance(recs, list) and len(recs) > 0, where, f"'{key}' must be a non-empty list")
+        for i, rec in enumerate(recs):
+            _check_tensor(rec, f"{where}: {key}[{i}]")
+    pre = manifest["inputs"][0].get("preprocess")
+    _expect(isinstance(pre, dict), where, "inputs[0].preprocess must be an object")
+    try:
+        Preprocess.from_json(pre)
+    except (KeyError, TypeError, ValueError) as exc:
+        _expect(False, where, f"inputs[0].preprocess is invalid ({type(exc).__name__}: {exc})")
+    gates = manifest.get("gates")
+    _expect(gates is None or isinstance(gates, list) and all(isinstance(g, str) for g in gates), where,
+            "'gates' must be a list of strings")
+    head = manifest.get("head")
+    if head is not None:
+        _expect(isinstance(head, dict), where, "'head' must be null or an object")
+        for key in ("labels", "text_embeddings"):
+            if head.get(key) is not None:
+                inside(folder, head[key], f"{where}: head.{key}")
+    return manifest
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """A target folder's manifest.json; :class:`InputError` when missing or corrupt."""
+    """A target folder's manifest.json, validated; :class:`InputError` when missing, corrupt or unsafe."""
     from .errors import InputError
 
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise InputError(f"no {MANIFEST} in {folder}", hint="point at a folder written by 'edgec compile'")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc.msg})", hint="compile the target again") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)})", hint="compile the target again") from None
+    return validate_manifest(data, folder, str(path))
 
 
 def package_versions(*packages: str) -> dict[str, str | None]:

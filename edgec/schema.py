@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -84,6 +85,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no setting takes nan or inf; they would only fail later, far from here
+                raise _Bad(key, f"expected a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -7,11 +7,13 @@ import json
 import tomllib
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from edgec import config as cfg
 from edgec.cli import app
-from edgec.errors import ConfigError
+from edgec.errors import ConfigError, EdgecError
 from edgec.schema import from_dict, to_dict
 
 runner = CliRunner()
@@ -127,3 +129,86 @@ def test_every_known_metric_parses_as_a_gate():
     for metric in METRICS:
         gate = parse_gate(f"{metric}>=0.5")
         assert gate.metric == metric and gate.holds(0.5) and not gate.holds(0.4)
+
+
+# ---- the parser is fuzzed: any file either loads or fails with the documented one-line error ----
+
+def _toml_value():
+    scalars = (st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=12))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3), max_leaves=6)
+
+
+def _section_keys():
+    names = {"model": cfg.ModelSection, "student": cfg.StudentSection, "data": cfg.DataSection,
+             "distill": cfg.DistillSection, "calibration": cfg.CalibrationSection, "quantize": cfg.QuantizeSection,
+             "targets": cfg.TargetsSection}
+    return {section: [f.name for f in dataclasses.fields(klass)] + ["typo_key"] for section, klass in names.items()}
+
+
+KEYS = _section_keys()
+
+
+def _dump(data: dict) -> str:
+    """A small TOML writer for the fuzzer (values as inline tables/arrays)."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)  # TOML spells inf and nan the way Python's repr does
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
+    lines = []
+    for section, body in data.items():
+        if isinstance(body, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{json.dumps(k)} = {val(v)}" for k, v in body.items()]
+        else:
+            lines.insert(0, f"{section} = {val(body)}")
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def config_dicts(draw):
+    """Known sections with known (and misspelt) keys holding arbitrary values, plus stray top-level entries."""
+    data = {}
+    for name in draw(st.lists(st.sampled_from([*KEYS, "gates", "version", "root", "nonsense"]), max_size=4, unique=True)):
+        if name in KEYS:
+            data[name] = draw(st.dictionaries(st.sampled_from(KEYS[name]), _toml_value(), max_size=4))
+        else:
+            data[name] = draw(_toml_value())
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=config_dicts())
+def test_fuzzed_configs_load_or_fail_with_the_documented_error(tmp_path, data):
+    path = write(tmp_path, _dump(data))
+    try:
+        loaded = cfg.load_config(path)
+    except EdgecError as exc:
+        assert exc.exit_code == 2 and exc.message.strip()
+        return
+    assert isinstance(loaded, cfg.EdgecConfig)
+    assert cfg.config_from_dict(json.loads(json.dumps(loaded.to_dict()))).to_dict() == loaded.to_dict()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_any_bytes_as_config_load_or_fail_cleanly(tmp_path, raw):
+    path = tmp_path / "edgec.toml"
+    path.write_bytes(raw)
+    try:
+        cfg.load_config(path)
+    except EdgecError as exc:
+        assert exc.exit_code == 2
+
+
+@pytest.mark.parametrize("text", ["[distill]\nlr = nan\n", "[distill.losses]\nfeature_cosine = inf\n"])
+def test_non_finite_numbers_are_refused_where_they_are_written(tmp_path, text):
+    with pytest.raises(ConfigError, match="finite number"):
+        cfg.load_config(write(tmp_path, text))

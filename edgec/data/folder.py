@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..manifest import inside
 from .preprocess import IMAGE_SUFFIXES, Preprocess, load_image
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -49,13 +50,6 @@ class ImageFolder:
         return len(self.items)
 
 
-def _inside(root: Path, rel: str, where: str) -> Path:
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise InputError(f"{where}: path {rel!r} points outside the folder {root}", hint="use paths relative to the folder")
-    return path
-
-
 def read_captions(root: Path, file: Path) -> list[Item]:
     items: list[Item] = []
     with open(file, encoding="utf-8") as f:
@@ -78,7 +72,7 @@ def read_captions(root: Path, file: Path) -> list[Item]:
             label = row.get("label")
             if label is not None and not isinstance(label, str):
                 raise InputError(f"{where}: 'label' must be a string")
-            items.append(Item(_inside(root, row["image"], where), label, tuple(caps)))
+            items.append(Item(inside(root, row["image"], where).resolve(), label, tuple(caps)))
     return items
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..data.preprocess import Preprocess
 from ..errors import InputError
-from ..manifest import atomic_write_json, sha256_file, staged_dir
+from ..manifest import atomic_write_json, inside, sha256_file, staged_dir
 from .base import MultimodalModel
 from .edgec_clip import ClipSpec, EdgecClip
 from .tokenizers import WordTokenizer
@@ -83,7 +83,7 @@ def load(folder: str | Path) -> MultimodalModel:
         spec = ClipSpec.from_json(cfg["architecture"])
         preprocess = Preprocess.from_json(cfg["preprocess"])
         tok_cfg = cfg["tokenizer"]
-        weights = folder / cfg.get("weights", WEIGHTS_FILE)
+        weights = inside(folder, cfg.get("weights", WEIGHTS_FILE), str(folder / CONFIG_FILE))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{folder / CONFIG_FILE}: invalid or missing entry ({exc})", hint="the checkpoint is corrupt") from None
     if not weights.is_file():
@@ -92,7 +92,7 @@ def load(folder: str | Path) -> MultimodalModel:
     if expected and sha256_file(weights) != expected:
         raise InputError(f"{weights} does not match the sha256 recorded in {CONFIG_FILE} (truncated or altered)",
                          hint="copy the checkpoint again")
-    vocab = _read_json(folder / tok_cfg.get("vocab", VOCAB_FILE), "tokenizer vocabulary")
+    vocab = _read_json(inside(folder, tok_cfg.get("vocab", VOCAB_FILE), str(folder / CONFIG_FILE)), "tokenizer vocabulary")
     tokenizer = WordTokenizer(vocab, int(tok_cfg["context_length"]))
     if spec.text.vocab_size != len(vocab) or spec.text.eot_id != tokenizer.eot_id:
         raise InputError(f"{folder}: vocabulary ({len(vocab)} words) does not match the text tower ({spec.text.vocab_size})")

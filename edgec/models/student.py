@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 from ..errors import InputError, UnknownNameError, did_you_mean, require_module
-from ..manifest import atomic_write_json, sha256_file, staged_dir
+from ..manifest import atomic_write_json, inside, sha256_file, staged_dir
 
 CONFIG_FILE = "edgec_student.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -114,7 +114,7 @@ def load_student(folder: str | Path) -> tuple[Student, StudentSpec, dict]:
     folder = Path(folder)
     cfg = read_student_config(folder)
     spec = StudentSpec(cfg["name"], int(cfg["embed_dim"]), Preprocess.from_json(cfg["preprocess"]))
-    weights = folder / cfg.get("weights", WEIGHTS_FILE)
+    weights = inside(folder, cfg.get("weights", WEIGHTS_FILE), str(folder / CONFIG_FILE))
     if not weights.is_file():
         raise InputError(f"weights file missing: {weights}")
     if cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:

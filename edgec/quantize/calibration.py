@@ -23,7 +23,7 @@ import numpy as np
 from ..data.folder import ImageFolder, Item, load_rgb, read_captions, read_folder
 from ..data.preprocess import IMAGE_SUFFIXES, Preprocess
 from ..errors import InputError
-from ..manifest import sha256_file
+from ..manifest import inside, sha256_file
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,7 @@ def _read_source(source: Path) -> ImageFolder:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        path = (source.parent / line).resolve()
-        if not path.is_relative_to(source.parent.resolve()):
-            raise InputError(f"{source}:{n}: path {line!r} points outside {source.parent}",
-                             hint="list paths relative to the file's folder")
-        items.append(Item(path))
+        items.append(Item(inside(source.parent, line, f"{source}:{n}").resolve()))
     if not items:
         raise InputError(f"{source} lists no images", hint="one image path per line")
     return ImageFolder(source.parent, items, [])
