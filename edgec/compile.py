@@ -60,6 +60,7 @@ class CompileConfig:
 class CompileOutputs:
     out: Path
     manifest: dict
+    cached: bool = False  # reused: built earlier from the same inputs
 
 
 def cache_key(config: CompileConfig) -> str:
@@ -116,7 +117,9 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
     key = cache_key(config)
     if not force and (cached := up_to_date(config, key)) is not None:
         log(f"{config.target}: up to date in {config.out} (inputs unchanged; --force rebuilds)")
-        return CompileOutputs(config.out, cached)
+        return CompileOutputs(config.out, cached, cached=True)
+    if not force and (cached := _regated(config, key, log)) is not None:
+        return CompileOutputs(config.out, cached, cached=True)
     from .backends import get_backend
     from .data.folder import read_folder
     from .distill.data import teacher_identity
@@ -212,7 +215,7 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
             "sources": sources,
             "versions": package_versions("torch", *VERSION_PACKAGES[built.format]),
             "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1),
-                      "cache_key": key},
+                      "cache_key": key, "inputs_key": cache_key(dataclasses.replace(config, gates=()))},
             "gates": gates,
             "selection": selection,
             "tensorrt": engine,
@@ -305,14 +308,62 @@ def _select(candidates: dict[str, Path], target, gates: list[str], config: Compi
 
         raise GateFailed(f"target {config.target}: no candidate precision passes the gates {gates}",
                          hint="see the candidate lines above; distil longer or relax the gates")
-    # precisions are listed preferred-first; another one must be clearly faster (beyond timing noise) to ship
+    chosen = _choose(passing)
+    log(f"{config.target}: shipping {chosen} (fastest that passes; within {TIE_MARGIN:.0%} the earlier-listed precision wins)")
+    return {"policy": "fastest-passing", "tie_margin": TIE_MARGIN, "chosen": chosen, "candidates": rows}
+
+
+def _choose(passing: list[dict]) -> str:
+    """Precisions are listed preferred-first; another one must be clearly faster (beyond timing noise) to ship."""
     best = passing[0]
     for r in passing[1:]:
         if r["median_ms"] < best["median_ms"] * (1 - TIE_MARGIN):
             best = r
-    chosen = best["precision"]
-    log(f"{config.target}: shipping {chosen} (fastest that passes; within {TIE_MARGIN:.0%} the earlier-listed precision wins)")
-    return {"policy": "fastest-passing", "tie_margin": TIE_MARGIN, "chosen": chosen, "candidates": rows}
+    return best["precision"]
+
+
+def _regated(config: CompileConfig, key: str, log) -> dict | None:
+    """Only the gates changed since the folder was built: when the candidates' recorded metrics pick the
+    same precision under the new gates, the folder stands (its manifest takes the new gates); when no
+    candidate passes them, fail without rebuilding; otherwise None (rebuild)."""
+    import json
+
+    from .verify.run import check_gates
+
+    path = config.out / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    build = manifest.get("build") or {}
+    if not build.get("inputs_key") or build["inputs_key"] != cache_key(dataclasses.replace(config, gates=())):
+        return None
+    if up_to_date(config, build.get("cache_key")) is None:  # artifacts missing or altered
+        return None
+    gates = list(config.gates) or list(registry.get("targets", config.target).spec.gates)
+    selection = manifest.get("selection") or {}
+    if selection.get("policy") == "fastest-passing":
+        rows = [dict(r) for r in selection.get("candidates", [])]
+        for r in rows:
+            results = check_gates(r.get("metrics", {}), gates)
+            if any(g["value"] is None for g in results):
+                return None  # a gate on a metric the candidates did not record: measure again
+            r["passed"] = all(g["passed"] for g in results)
+        passing = [r for r in rows if r["passed"]]
+        if not passing:
+            from .errors import GateFailed
+
+            raise GateFailed(f"target {config.target}: no candidate precision passes the gates {gates} "
+                             f"(recorded candidate metrics; the inputs are unchanged)",
+                             hint=f"see 'selection' in {path}; distil longer or relax the gates")
+        if _choose(passing) != selection.get("chosen"):
+            return None
+        manifest["selection"] = dict(selection, candidates=rows)
+    manifest["gates"] = gates
+    manifest["build"] = dict(build, cache_key=key)
+    atomic_write_json(path, manifest)
+    log(f"{config.target}: up to date in {config.out} (only the gates changed; the recorded candidates ship the same precision)")
+    return manifest
 
 
 def trt_version_code(version: str) -> int:
@@ -337,10 +388,11 @@ def check_device(manifest: dict, folder: Path, device_name: str) -> list[str]:
 
 def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = False, out: Path | None = None,
                         config_path: Path | None = None, progress: bool = True, device: str | None = None,
-                        force: bool = False, log=print) -> CompileOutputs:
-    """Compile ``target`` from edgec.toml, distilling the student first when it is missing."""
+                        force: bool = False, log=print, student_dir: Path | None = None) -> CompileOutputs:
+    """Compile ``target`` from edgec.toml, distilling the student first when it is missing or its inputs
+    changed (``student_dir``: a student folder already made for this target)."""
     from .distill import DistillConfig
-    from .distill import run as distill
+    from .distill.stage import ensure_student
 
     registry.get("targets", target)  # fail on an unknown target before any work
     device = device or cfg.targets.device
@@ -351,15 +403,9 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
         raise InputError("edgec.toml has no [model] section", hint="add [model] path = ...")
     teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
     build = cfg.resolve(cfg.targets.out)
-    student_dir = None
-    if not no_distill:
+    if not no_distill and student_dir is None:  # distilled unless a student made from the same inputs is there
         dcfg = DistillConfig.from_edgec(cfg, target=target)
-        student_dir = dcfg.out / "student"
-        if (dcfg.out / "manifest.json").is_file() and student_dir.is_dir():
-            log(f"{target}: using the distilled student in {student_dir}")
-        else:
-            log(f"{target}: no distilled {dcfg.student} yet; distilling it first")
-            student_dir = distill(dcfg, progress=progress, log=log).student
+        student_dir = ensure_student(dcfg, progress=progress, log=log, label=f"{target}: distill {dcfg.student}").student
     head_data = cfg.resolve(cfg.data.eval or cfg.data.train)
     config_sha = sha256_file(config_path) if config_path and config_path.is_file() else None
     calibration = None
