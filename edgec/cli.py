@@ -222,10 +222,12 @@ def distill_cmd(
     from .config import load_config
     from .distill import DistillConfig, run
 
-    cfg = DistillConfig.from_edgec(load_config(config), target=target, student=student, out=out_dir,
+    edgec_cfg = load_config(config)
+    cfg = DistillConfig.from_edgec(edgec_cfg, target=target, student=student, out=out_dir,
                                    epochs=epochs, batch_size=batch_size, lr=lr)
     log = _logger(as_json)
-    result = run(cfg, resume=resume, progress=progress and not as_json, log=log)
+    with _build_lock(edgec_cfg, "edgec distill"):
+        result = run(cfg, resume=resume, progress=progress and not as_json, log=log)
     if as_json:
         _emit_json(result.manifest)
         return
@@ -255,7 +257,8 @@ def golden_cmd(
     gcfg = GoldenConfig(teacher=dc.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=cfg.resolve(cfg.data.eval),
                         out=out_dir or cfg.resolve(cfg.targets.out) / "golden", prompts=tuple(cfg.data.prompts),
                         captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
-    path = build_golden(gcfg, log=_logger(as_json))
+    with _build_lock(cfg, "edgec golden"):
+        path = build_golden(gcfg, log=_logger(as_json))
     if as_json:
         _emit_json({"golden": str(path), **load_golden(path).meta})
     else:
@@ -289,15 +292,52 @@ def compile_cmd(
         raise EdgecError("--out names one folder; with --target all each target goes to <build>/<target>")
     log = _logger(as_json)
     results = []
-    for name in targets:
-        res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
-                                  progress=progress and not as_json, device=device, force=force, log=log)
-        results.append(res)
-        if not as_json:
-            files = ", ".join(a["path"] for a in res.manifest["artifacts"])
-            out.print(f"wrote {res.out} ({files}, manifest.json)", markup=False)
+    with _build_lock(cfg, "edgec compile"):
+        for name in targets:
+            res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
+                                      progress=progress and not as_json, device=device, force=force, log=log)
+            results.append(res)
+            if not as_json:
+                files = ", ".join(a["path"] for a in res.manifest["artifacts"])
+                out.print(f"wrote {res.out} ({files}, manifest.json)", markup=False)
     if as_json:
         _emit_json([{"out": str(r.out), **r.manifest} for r in results])
+
+
+def _build_lock(cfg, command: str):
+    """The build folder's lock (refused with exit 2 while another edgec run writes there)."""
+    import contextlib
+
+    from .lock import build_lock, main_process
+
+    if not main_process():  # torchrun: rank 0 holds it for every rank
+        return contextlib.nullcontext()
+    return build_lock(cfg.resolve(cfg.targets.out), command)
+
+
+@_command("release")
+def release_cmd(
+    config: ConfigOpt = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets (default: [targets] build).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for another run holding the build folder's lock "
+                                                      "instead of refusing.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """golden, distill, compile and verify every target, reusing each stage whose inputs are unchanged;
+    writes build/release.json, release.junit.xml and release.md. Exit 1 when a gate fails."""
+    from .config import DEFAULT_CONFIG
+    from .release import ReleaseConfig, run
+
+    names = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else ()
+    result = run(ReleaseConfig(config=Path(config or DEFAULT_CONFIG), targets=names, wait=wait,
+                               progress=progress and not as_json), log=_logger(as_json))
+    if as_json:
+        _emit_json(result.manifest)
+    if not result.passed:
+        failed = [f"{t}: {f}" for t, rec in result.manifest["targets"].items() for f in rec["failures"]]
+        err.print(f"error: release failed: {'; '.join(failed)} (details in {result.paths['markdown']})", markup=False)
+        raise typer.Exit(1)
 
 
 @_command("verify")

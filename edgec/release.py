@@ -1,0 +1,397 @@
+"""edgec release: golden -> distill -> compile -> verify for every configured target, one record for CI.
+
+``run(ReleaseConfig) -> ReleaseOutputs``. Each stage is keyed by the hash of its inputs and reused
+when they are unchanged (golden: teacher, eval folder, prompts; distill: see
+:mod:`edgec.distill.stage`; compile: :func:`edgec.compile.cache_key`; verify: the artifacts' sha256,
+the golden set, the gates and the runtime versions), so a changed config key re-runs exactly the
+stages downstream of it. Quantization happens inside compile (each backend quantizes its
+candidates), so it has no stage of its own here.
+
+Interrupts: every stage writes through :func:`edgec.manifest.staged_dir` or atomic file writes, the
+distill stage trains beside the current student and swaps it in when finished, and the whole run
+holds the build folder's lock (:mod:`edgec.lock`). Leftovers of a killed run (``.*.partial``
+folders, ``.*.tmp`` files, a ``.X.old`` folder whose replacement never landed) are cleaned up or
+restored when the next run takes the lock. ``release.json`` is written last, also when a gate
+fails (then ``passed`` is false and the CLI exits 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from . import registry
+from .config import EdgecConfig, load_config
+from .errors import GateFailed, InputError
+from .manifest import atomic_write_json, atomic_write_text, package_versions, sha256_file, sha256_path
+
+SCHEMA = 1
+RELEASE_JSON = "release.json"
+RELEASE_JUNIT = "release.junit.xml"
+RELEASE_MD = "release.md"
+VERIFY_JSON = "verify.json"
+TOOL_PACKAGES = ("numpy", "torch", "timm", "onnx", "onnxruntime", "litert-torch", "ai-edge-quantizer", "ai-edge-litert",
+                 "executorch", "torchao")
+RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert", "executorch")
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    config: Path = Path("edgec.toml")
+    targets: tuple[str, ...] = ()  # empty: [targets] build
+    wait: bool = False  # wait for another run's lock instead of refusing
+    wait_timeout: float | None = None
+    progress: bool = False  # distillation progress bar
+    version: int = 1
+
+
+@dataclass
+class ReleaseOutputs:
+    paths: dict[str, Path]  # release_json, junit, markdown
+    manifest: dict
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.manifest["passed"])
+
+
+@dataclass
+class _Stage:
+    stage: str
+    name: str
+    key: str | None
+    status: str  # cached | ran | resumed | failed
+    seconds: float
+    out: str | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        d = {"stage": self.stage, "name": self.name, "status": self.status, "key": self.key,
+             "seconds": round(self.seconds, 2), "out": self.out}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+def _hash(obj) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def recover(build: Path, log=print) -> list[str]:
+    """Undo what a killed run left behind (call with the lock held): restore a ``.X.old`` folder whose
+    replacement never landed, remove ``.*.partial`` folders and ``.*.tmp`` files. Returns what was done."""
+    done = []
+    if not build.is_dir():
+        return done
+    for root, dirs, files in os.walk(build):
+        here = Path(root)
+        for d in list(dirs):
+            p = here / d
+            if d.startswith(".") and d.endswith(".old"):
+                final = here / d[1:-4]
+                if final.exists():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.replace(p, final)
+                    done.append(f"restored {final} (its replacement was interrupted)")
+                dirs.remove(d)
+            elif d.startswith(".") and d.endswith(".partial"):
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p} (half-written by an interrupted run)")
+                dirs.remove(d)
+        for f in files:
+            if f.startswith(".") and f.endswith(".tmp"):
+                (here / f).unlink(missing_ok=True)
+                done.append(f"removed {here / f} (half-written by an interrupted run)")
+    for line in done:
+        log(line)
+    return done
+
+
+# ---------------------------------------------------------------- golden
+
+
+def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
+    from .distill.data import source_identity
+    from .distill.stage import tree_sha
+    from .verify.golden import GOLDEN_JSON, GOLDEN_NPZ, GoldenConfig, build_golden
+
+    t0 = time.time()
+    if cfg.model is None or cfg.data.eval is None:
+        raise InputError("release needs [model] path and [data] eval in edgec.toml (the golden set)",
+                         hint="add them, see 'edgec init'")
+    teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
+    eval_dir = cfg.resolve(cfg.data.eval)
+    inputs = {"teacher": source_identity(teacher.path), "eval": tree_sha(eval_dir, memo), "prompts": list(cfg.data.prompts),
+              "captions_file": cfg.data.captions, "max_bad_fraction": cfg.data.max_bad_fraction}
+    key = _hash(inputs)
+    out = build / "golden"
+    meta = _read_json(out / GOLDEN_JSON)
+    if meta is not None:
+        try:
+            same = (meta["teacher"]["sha256"] == inputs["teacher"] and meta["eval"]["sha256"] == inputs["eval"]
+                    and meta["prompts"] == inputs["prompts"] and (out / GOLDEN_NPZ).is_file()
+                    and sha256_file(out / GOLDEN_NPZ) == meta["npz_sha256"])
+        except (KeyError, TypeError):
+            same = False
+        if same:
+            log("golden: from cache")
+            return _Stage("golden", "golden", key, "cached", time.time() - t0, str(out), extra={"meta": meta})
+    log("golden: computing the teacher's outputs on the eval set" + (" (inputs changed)" if meta else ""))
+    build_golden(GoldenConfig(teacher=teacher, eval=eval_dir, out=out, prompts=tuple(cfg.data.prompts),
+                              captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction), log=log)
+    return _Stage("golden", "golden", key, "ran", time.time() - t0, str(out), extra={"meta": _read_json(out / GOLDEN_JSON)})
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _verify_key(folder: Path, manifest: dict, golden_meta: dict, gates: list[str]) -> str:
+    return _hash({"artifacts": [(a["path"], a["sha256"], a["runtime"]) for a in manifest["artifacts"]],
+                  "preprocess": [i.get("preprocess") for i in manifest.get("inputs", [])],
+                  "golden": golden_meta.get("npz_sha256"), "gates": gates,
+                  "versions": package_versions(*RUNTIME_PACKAGES)})
+
+
+class _no_step_summary:
+    """verify() appends to $GITHUB_STEP_SUMMARY per target; release writes one summary for all."""
+
+    def __enter__(self):
+        self.saved = os.environ.pop("GITHUB_STEP_SUMMARY", None)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.environ["GITHUB_STEP_SUMMARY"] = self.saved
+
+
+def _verify_stage(target: str, folder: Path, golden: Path, golden_meta: dict, gates: list[str], log) -> tuple[_Stage, dict]:
+    from .manifest import read_manifest
+    from .verify.run import verify
+
+    t0 = time.time()
+    manifest = read_manifest(folder)
+    key = _verify_key(folder, manifest, golden_meta, gates)
+    report = _read_json(folder / VERIFY_JSON)
+    if (report is not None and report.get("cache_key") == key
+            and [r.get("artifact") for r in report.get("results", [])] == [a["path"] for a in manifest["artifacts"]]):
+        status = "cached"
+    else:
+        status = "ran"
+        with _no_step_summary():
+            try:
+                verify(folder, golden, gates)
+            except GateFailed:
+                pass  # verify.json holds the failures; release reports them and exits 1
+        report = _read_json(folder / VERIFY_JSON)
+        report["cache_key"] = key
+        atomic_write_json(folder / VERIFY_JSON, report)
+    shown = []
+    for r in report["results"]:
+        m = r["metrics"]
+        shown.append(", ".join(f"{k} {m[k]:.4f}" for k in ("agreement", "cosine_mean", "accuracy_delta") if k in m))
+    failed = [f"{g['gate']} ({g['metric']} = {'n/a' if g['value'] is None else format(g['value'], '.4f')})"
+              for r in report["results"] for g in r["gates"] if not g["passed"]]
+    verdict = "passed" if report["passed"] else "FAILED " + "; ".join(failed) + ";"
+    log(f"verify {target}: {verdict} {' | '.join(shown)}" + (" (from cache)" if status == "cached" else ""))
+    return _Stage("verify", target, key, status, time.time() - t0, str(folder / VERIFY_JSON)), report
+
+
+# ---------------------------------------------------------------- records
+
+
+def _files(folder: Path) -> list[dict]:
+    return [{"path": p.relative_to(folder).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+
+
+def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stage: _Stage | None,
+                   report: dict | None) -> dict:
+    from .manifest import read_manifest
+
+    rec: dict = {"path": str(folder), "compile": compile_stage.record(), "verify": verify_stage.record() if verify_stage else None}
+    if compile_stage.status == "failed":
+        rec.update(passed=False, failures=[compile_stage.error], artifacts=[], files=[], gates=[], metrics={})
+        return rec
+    manifest = read_manifest(folder)
+    rec["artifacts"] = [{k: a.get(k) for k in ("path", "sha256", "bytes", "format", "runtime", "precision")}
+                        for a in manifest["artifacts"]]
+    rec["files"] = _files(folder)
+    rec["sources"] = manifest.get("sources")
+    rec["versions"] = manifest.get("versions")
+    rec["selection"] = {k: manifest.get("selection", {}).get(k) for k in ("policy", "chosen")} if manifest.get("selection") else None
+    rec["metrics"] = {r["artifact"]: r["metrics"] for r in report["results"]}
+    rec["gates"] = [dict(g, artifact=r["artifact"]) for r in report["results"] for g in r["gates"]]
+    rec["passed"] = bool(report["passed"])
+    rec["failures"] = [f"{g['artifact']}: {g['gate']} ({g['metric']} = {g['value']})" for g in rec["gates"] if not g["passed"]]
+    return rec
+
+
+def to_junit(release: dict) -> str:
+    suites, total, total_fail = [], 0, 0
+    for target, rec in release["targets"].items():
+        cases, failures = [], 0
+        t = (rec.get("verify") or {}).get("seconds", 0)
+        if rec["compile"]["status"] == "failed":
+            failures += 1
+            cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{escape(target)}: compile" '
+                         f'time="{rec["compile"]["seconds"]}"><failure message="{escape(rec["compile"]["error"] or "", {chr(34): "&quot;"})}"/>'
+                         f'</testcase>')
+        for g in rec.get("gates", []):
+            name = escape(f"{target}/{g['artifact']}: {g['gate']}", {'"': "&quot;"})
+            if g["passed"]:
+                cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{name}" time="{t}"/>')
+            else:
+                failures += 1
+                msg = escape(f"{g['metric']} = {g['value']}, threshold {g['threshold']}", {'"': "&quot;"})
+                cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{name}" time="{t}">'
+                             f'<failure message="{msg}"/></testcase>')
+        total += len(cases)
+        total_fail += failures
+        suites.append(f'  <testsuite name="edgec release {escape(target)}" tests="{len(cases)}" failures="{failures}">\n'
+                      + "\n".join(cases) + "\n  </testsuite>")
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="edgec release" tests="{total}" failures="{total_fail}">\n'
+            + "\n".join(suites) + "\n</testsuites>\n")
+
+
+def to_markdown(release: dict) -> str:
+    status = "passed" if release["passed"] else "FAILED"
+    lines = [f"### edgec release: {status}", "",
+             "| target | result | artifact | MB | agreement | cosine mean | accuracy Δ | stages |", "|---|---|---|---|---|---|---|---|"]
+    for target, rec in release["targets"].items():
+        stages = f"compile {rec['compile']['status']}" + (f", verify {rec['verify']['status']}" if rec.get("verify") else "")
+        if not rec["artifacts"]:
+            lines.append(f"| {target} | ❌ | - | - | - | - | - | {stages} |")
+            continue
+        for a in rec["artifacts"]:
+            m = rec["metrics"].get(a["path"], {})
+            fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
+            lines.append(f"| {target} | {'✅' if rec['passed'] else '❌'} | {a['path']} | {a['bytes'] / 1e6:.2f} | "
+                         f"{fmt('agreement')} | {fmt('cosine_mean')} | {fmt('accuracy_delta')} | {stages} |")
+    failures = [f"- {t}: {f}" for t, rec in release["targets"].items() for f in rec["failures"]]
+    if failures:
+        lines += ["", "Failed:", *failures]
+    g = release["golden"]
+    cached = sum(s["status"] == "cached" for s in release["stages"])
+    lines += ["", f"Golden set: {g.get('images')} images, computed on {g.get('device')}. "
+                  f"{cached} of {len(release['stages'])} stages reused from cache; {release['seconds']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
+    """Every stage for every target (cached by inputs), then release.json / .junit.xml / .md in the build folder."""
+    from .compile import compile_from_config
+    from .distill import DistillConfig
+    from .distill.stage import ensure_student, tree_sha
+    from .lock import build_lock
+
+    t0 = time.time()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cfg = load_config(config.config)
+    targets = list(config.targets) or list(cfg.targets.build)
+    if not targets:
+        raise InputError(f"{config.config}: [targets] build is empty", hint="list targets there or pass --targets")
+    for t in targets:
+        registry.get("targets", t)  # unknown names fail before any work, with a did-you-mean
+    build = cfg.resolve(cfg.targets.out)
+    memo: dict = {}
+    with build_lock(build, "edgec release", wait=config.wait, timeout=config.wait_timeout, log=log):
+        recover(build, log)
+        golden = _golden_stage(cfg, build, memo, log)
+        stages = [golden]
+
+        students = {}
+        for t in targets:
+            dcfg = DistillConfig.from_edgec(cfg, target=t)
+            if dcfg.student in students:
+                continue
+            s = ensure_student(dcfg, progress=config.progress, log=log, memo=memo)
+            students[dcfg.student] = s
+            stages.append(_Stage("distill", dcfg.student, s.key, "ran" if s.status == "trained" else s.status,
+                                 s.seconds, str(s.out)))
+
+        records = {}
+        for t in targets:
+            name = DistillConfig.from_edgec(cfg, target=t).student
+            t1 = time.time()
+            folder = build / t
+            try:
+                res = compile_from_config(cfg, t, config_path=Path(config.config), progress=config.progress, log=log,
+                                          student_dir=students[name].student)
+                cstage = _Stage("compile", t, res.manifest["build"].get("cache_key"), "cached" if res.cached else "ran",
+                                time.time() - t1, str(res.out))
+            except GateFailed as exc:
+                log(f"{t}: FAILED: {exc.message}")
+                cstage = _Stage("compile", t, None, "failed", time.time() - t1, str(folder), error=exc.message)
+            stages.append(cstage)
+            vstage = report = None
+            if cstage.status != "failed":
+                gates = cfg.gates_for(t, list(registry.get("targets", t).spec.gates))
+                vstage, report = _verify_stage(t, folder, build / "golden", golden.extra["meta"], gates, log)
+                stages.append(vstage)
+            records[t] = _target_record(t, folder, cstage, vstage, report)
+
+        gmeta = golden.extra["meta"] or {}
+        config_path = Path(config.config)
+        calib = cfg.resolve(cfg.calibration.path)
+        release = {
+            "schema": SCHEMA,
+            "passed": all(r["passed"] for r in records.values()),
+            "started": started,
+            "seconds": round(time.time() - t0, 2),
+            "config": str(config_path.resolve()),
+            "build": str(build),
+            "targets": records,
+            "golden": {"path": str(build / "golden"), "key": golden.key, "device": gmeta.get("device"),
+                       "images": (gmeta.get("eval") or {}).get("images"), "npz_sha256": gmeta.get("npz_sha256")},
+            "students": {n: {"path": str(s.student), "key": s.key, "status": s.status,
+                             "weights_sha256": _read_json(s.student / "edgec_student.json").get("weights_sha256"),
+                             "metrics": s.manifest.get("metrics")} for n, s in students.items()},
+            "stages": [s.record() for s in stages],
+            "sources": {
+                "config": sha256_file(config_path) if config_path.is_file() else None,
+                "teacher": golden.extra["meta"]["teacher"]["sha256"] if golden.extra["meta"] else None,
+                "train": tree_sha(cfg.resolve(cfg.data.train), memo) if cfg.data.train else None,
+                "eval": tree_sha(cfg.resolve(cfg.data.eval), memo),
+                "calibration": sha256_path(calib) if calib is not None and calib.exists() else None,
+            },
+            "versions": {**package_versions(*TOOL_PACKAGES), "python": platform.python_version()},
+        }
+        paths = {"release_json": build / RELEASE_JSON, "junit": build / RELEASE_JUNIT, "markdown": build / RELEASE_MD}
+        md = to_markdown(release)
+        atomic_write_text(paths["junit"], to_junit(release))
+        atomic_write_text(paths["markdown"], md)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(md + "\n")
+        atomic_write_json(paths["release_json"], release)  # last: its presence means the release finished
+    cached = sum(s.status == "cached" for s in stages)
+    log(f"release: {'passed' if release['passed'] else 'FAILED'} ({len(targets)} target(s), {cached} of {len(stages)} "
+        f"stages from cache, {release['seconds']:.1f} s); wrote {paths['release_json']}, {paths['junit'].name}, "
+        f"{paths['markdown'].name}")
+    return ReleaseOutputs(paths, release)
+
+
+__all__ = ["ReleaseConfig", "ReleaseOutputs", "run", "recover", "to_junit", "to_markdown"]
