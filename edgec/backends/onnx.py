@@ -79,3 +79,26 @@ def build(encoder: nn.Module, shape: tuple[int, ...], *, spec, work: Path, calib
 
     built.candidates, built.calibration_sha256 = precision_candidates(spec, "onnx", fp32, int8)
     return built
+
+
+def export_text(module: nn.Module, context_length: int, path: Path, *, dynamic_batch: bool = True) -> dict:
+    """Export a text tower (int32 token ids (N, L) -> normalised embedding) as ONNX; returns its I/O records."""
+    import onnx
+
+    example = torch.zeros(1, context_length, dtype=torch.int32)
+    axes = {"token_ids": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), (example,), str(path), input_names=["token_ids"], output_names=["embedding"],
+                              opset_version=OPSET, dynamic_axes=axes, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise InputError(f"ONNX export of the text tower failed: {str(exc).splitlines()[0][:300]}",
+                         hint="compile the image tower only (--towers image)") from None
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        dim = int(module(example).shape[-1])
+    return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None,
+                        "dynamic_batch": dynamic_batch}],
+            "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}],
+            "opset": OPSET}

@@ -2,53 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
-SPECIALS = (PAD, SOT, EOT, UNK)
-_WORD = re.compile(r"[a-z0-9]+")
+# the word tokenizer is torch-free and lives with the runtime: verify and apps tokenise with it
+from ..runtime.tokenize import EOT, PAD, SOT, SPECIALS, UNK, WordTokenizer, words
 
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-class WordTokenizer:
-    """Lower-cased word-level tokenizer with a fixed vocabulary (edgec's own checkpoints).
-
-    ``<sot> w1 w2 ... <eot> <pad> ...``; long texts are cut so that ``<eot>`` always stays.
-    Unknown words become ``<unk>``.
-    """
-
-    def __init__(self, vocab: Sequence[str], context_length: int) -> None:
-        if tuple(vocab[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"vocabulary must start with {list(SPECIALS)}")
-        if context_length < 3:
-            raise ValueError("context_length must be at least 3")
-        self.vocab = list(vocab)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-        self.context_length = context_length
-
-    @classmethod
-    def build(cls, texts: Iterable[str], context_length: int) -> WordTokenizer:
-        found = sorted({w for t in texts for w in words(t)})
-        return cls(list(SPECIALS) + found, context_length)
-
-    @property
-    def eot_id(self) -> int:
-        return self.index[EOT]
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.context_length), np.int64)
-        unk, keep = self.index[UNK], self.context_length - 2
-        for row, text in enumerate(texts):
-            ids = [self.index.get(w, unk) for w in words(text)][:keep]
-            seq = [self.index[SOT], *ids, self.index[EOT]]
-            out[row, : len(seq)] = seq
-        return out
+__all__ = ["EOT", "PAD", "SOT", "SPECIALS", "UNK", "HFTokenizer", "OpenClipTokenizer", "WordTokenizer", "words"]
 
 
 class HFTokenizer:
