@@ -82,9 +82,21 @@ def cache_key(config: CompileConfig) -> str:
         "head": sha256_tree(config.head_data) if config.head_data else None,
         "calibration": sha256_path_or_none(config.calibration.source) if config.calibration else None,
         "golden": sha256_path_or_none(config.golden / "golden.npz") if config.golden else None,
-        "config": {k: v for k, v in to_dict(config).items() if k not in ("out", "config_sha256")},
+        "config": _settings(to_dict(config)),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _settings(config: dict) -> dict:
+    """The config without where things are: the files' contents are hashed on their own, so a project
+    (or a CI cache of its build folder) restored under another path still reuses its targets."""
+    settings = {k: v for k, v in config.items() if k not in ("out", "config_sha256")}
+    settings["teacher"] = {k: v for k, v in settings["teacher"].items() if k != "path"}
+    for key in ("student", "head_data", "golden"):
+        settings[key] = settings[key] is not None
+    if settings.get("calibration"):
+        settings["calibration"] = {k: v for k, v in settings["calibration"].items() if k != "source"}
+    return settings
 
 
 def sha256_path_or_none(path: Path) -> str | None:
