@@ -169,3 +169,30 @@ def test_second_compile_with_unchanged_inputs_reuses_the_folder(project):
     changed = compile_target(config, "--target", "jetson")
     assert "up to date" not in changed.stdout
     assert json.loads((build / "jetson" / "manifest.json").read_text())["gates"] == ["agreement>=0.9"]
+
+
+def _strip_volatile(manifest: dict) -> dict:
+    """A manifest without what legitimately differs between two builds: wall time and measured latencies."""
+    manifest = json.loads(json.dumps(manifest))
+    manifest["build"].pop("seconds")
+    for cand in (manifest.get("selection") or {}).get("candidates", []):
+        cand.pop("median_ms", None)
+    return manifest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["jetson", "edgetpu"])
+def test_two_clean_builds_are_byte_identical(project, tmp_path, target):
+    """ONNX Q/DQ (jetson) and fully integer TFLite (edgetpu): same inputs, same bytes in every file."""
+    config, _ = project
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        compile_target(config, "--target", target, "--force", "--out", str(folder))
+    files = sorted(p.name for p in folders[0].iterdir())
+    assert files == sorted(p.name for p in folders[1].iterdir())
+    for name in files:
+        a, b = (f / name for f in folders)
+        if name == "manifest.json":
+            assert _strip_volatile(json.loads(a.read_text())) == _strip_volatile(json.loads(b.read_text()))
+        else:
+            assert a.read_bytes() == b.read_bytes(), f"{target}: {name} differs between two builds"
