@@ -107,4 +107,4 @@ def main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-__all__ = ["build_lock", "BuildLocked", "holder", "LOCK_FILE", "main_process"]
+__all__ = ["LOCK_FILE", "BuildLocked", "build_lock", "holder", "main_process"]

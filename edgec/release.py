@@ -283,16 +283,16 @@ def to_markdown(release: dict) -> str:
             continue
         for a in rec["artifacts"]:
             m = rec["metrics"].get(a["path"], {})
-            fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
+            shown = " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in ("agreement", "cosine_mean", "accuracy_delta"))
             lines.append(f"| {target} | {'✅' if rec['passed'] else '❌'} | {a['path']} | {a['bytes'] / 1e6:.2f} | "
-                         f"{fmt('agreement')} | {fmt('cosine_mean')} | {fmt('accuracy_delta')} | {stages} |")
+                         f"{shown} | {stages} |")
     failures = [f"- {t}: {f}" for t, rec in release["targets"].items() for f in rec["failures"]]
     if failures:
         lines += ["", "Failed:", *failures]
     g = release["golden"]
     cached = sum(s["status"] == "cached" for s in release["stages"])
-    lines += ["", f"Golden set: {g.get('images')} images, computed on {g.get('device')}. "
-                  f"{cached} of {len(release['stages'])} stages reused from cache; {release['seconds']:.1f} s."]
+    lines += ["", (f"Golden set: {g.get('images')} images, computed on {g.get('device')}. "
+                  f"{cached} of {len(release['stages'])} stages reused from cache; {release['seconds']:.1f} s.")]
     return "\n".join(lines) + "\n"
 
 
@@ -394,4 +394,4 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
     return ReleaseOutputs(paths, release)
 
 
-__all__ = ["ReleaseConfig", "ReleaseOutputs", "run", "recover", "to_junit", "to_markdown"]
+__all__ = ["ReleaseConfig", "ReleaseOutputs", "recover", "run", "to_junit", "to_markdown"]

@@ -198,4 +198,4 @@ def ensure_student(config: DistillConfig, *, progress: bool = True, log=print, m
                         time.time() - t0)
 
 
-__all__ = ["ensure_student", "distill_inputs", "inputs_key", "cached_student", "StudentStage", "work_dir"]
+__all__ = ["StudentStage", "cached_student", "distill_inputs", "ensure_student", "inputs_key", "work_dir"]
