@@ -165,10 +165,13 @@ def test_second_compile_with_unchanged_inputs_reuses_the_folder(project):
     assert (build / "jetson" / "manifest.json").read_bytes() == before
     forced = compile_target(config, "--target", "jetson", "--force")
     assert "up to date" not in forced.stdout and "int8 Q/DQ ONNX" in forced.stdout
-    config.write_text(config.read_text() + '[gates]\njetson = ["agreement>=0.9"]\n')  # an input changed
-    changed = compile_target(config, "--target", "jetson")
-    assert "up to date" not in changed.stdout
+    config.write_text(config.read_text() + '[gates]\njetson = ["agreement>=0.9"]\n')  # only the gates changed:
+    regated = compile_target(config, "--target", "jetson")  # jetson ships int8 whatever they are, so the folder stands
+    assert "only the gates changed" in regated.stdout
     assert json.loads((build / "jetson" / "manifest.json").read_text())["gates"] == ["agreement>=0.9"]
+    config.write_text(config.read_text() + '[quantize]\nmethod = "percentile"\n')  # an input changed
+    changed = compile_target(config, "--target", "jetson")
+    assert "up to date" not in changed.stdout and "percentile ranges" in changed.stdout
 
 
 def _strip_volatile(manifest: dict) -> dict:

@@ -214,11 +214,11 @@ def test_compile_distils_the_missing_student_first(tmp_path, shapes_data):
     assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
     result = runner.invoke(app, ["compile", "--target", "cpu", "--config", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "no distilled test_efficientnet yet; distilling it first" in result.stdout
+    assert "cpu: distill test_efficientnet: no student yet; distilling" in result.stdout
     manifest = json.loads((tmp_path / "build" / "cpu" / "manifest.json").read_text())
     assert manifest["model"] == "test_efficientnet" and manifest["sources"]["student"]
     again = runner.invoke(app, ["compile", "--target", "cpu", "--config", str(config), "--no-progress"])
-    assert again.exit_code == 0 and "using the distilled student" in again.stdout
+    assert again.exit_code == 0 and "cpu: distill test_efficientnet: from cache" in again.stdout
     verify = runner.invoke(app, ["verify", str(tmp_path / "build" / "cpu"), "--gate", "cosine_mean>=0.0", "--json"])
     assert verify.exit_code == 0, verify.output
     assert 0.0 < json.loads(verify.stdout)["results"][0]["metrics"]["cosine_mean"] < 1.0
