@@ -92,6 +92,9 @@ def bench(folder: str | Path, *, runs: int = 50, warmup: int = 10, threads: int 
     shape = manifest["inputs"][0]["shape"]
     results = []
     for art in manifest["artifacts"]:
+        if art.get("tower", "image") != "image":  # the text tower and the zero-shot variant take other inputs
+            log(f"{manifest.get('target')}/{art['path']}: not timed ({art['tower']} artifact; bench times the image model)")
+            continue
         path = folder / art["path"]
         if not path.is_file():
             raise InputError(f"artifact missing: {path}", hint="compile the target again")

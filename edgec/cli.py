@@ -274,6 +274,12 @@ def compile_cmd(
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Compile the teacher's image tower as it is.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the inputs are unchanged.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    towers: Annotated[Optional[str], typer.Option(
+        "--towers", help="image (default: [targets] towers) or image,text: also the teacher's text tower (fp32, int32 "
+                         "token ids) with its tokenizer files.")] = None,
+    head: Annotated[Optional[str], typer.Option(
+        "--head", help="embedding (default: [targets] head) or zero-shot: also a model.zeroshot.* variant with the label "
+                       "text embeddings folded in (logits out).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a target folder: artifacts, zero-shot head files and manifest.json (runs distill first when missing)."""
@@ -281,6 +287,9 @@ def compile_cmd(
     from .config import DEFAULT_CONFIG, load_config
 
     cfg = load_config(config)
+    tower_list = _parse_towers(towers)
+    if head is not None and head not in ("embedding", "zero-shot"):
+        raise EdgecError(f"--head must be 'embedding' or 'zero-shot', not {head!r}")
     if target is None:
         if device is None:
             raise EdgecError("give --target (see 'edgec targets') or --device (see 'edgec devices')")
@@ -295,13 +304,23 @@ def compile_cmd(
     with _build_lock(cfg, "edgec compile"):
         for name in targets:
             res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
-                                      progress=progress and not as_json, device=device, force=force, log=log)
+                                      progress=progress and not as_json, device=device, force=force, log=log,
+                                      towers=tower_list, head=head)
             results.append(res)
             if not as_json:
                 files = ", ".join(a["path"] for a in res.manifest["artifacts"])
                 out.print(f"wrote {res.out} ({files}, manifest.json)", markup=False)
     if as_json:
         _emit_json([{"out": str(r.out), **r.manifest} for r in results])
+
+
+def _parse_towers(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    towers = tuple(t.strip() for t in value.split(",") if t.strip())
+    if "image" not in towers or not set(towers) <= {"image", "text"} or len(set(towers)) != len(towers):
+        raise EdgecError(f"--towers must be 'image' or 'image,text', not {value!r}")
+    return towers
 
 
 def _build_lock(cfg, command: str):

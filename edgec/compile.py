@@ -27,6 +27,10 @@ from .quantize.calibration import CalibrationSpec
 
 SCHEMA = 1
 TIE_MARGIN = 0.10  # latencies closer than this are a tie (sub-ms timings on a busy CPU vary by ~20 %)
+TOWERS = ("image", "text")
+# metrics of the text tower and the zero-shot variant: verify checks them, image candidates cannot
+TOWER_METRIC_PREFIXES = ("text_", "artifacts_", "logits_")
+HEADS = (None, "zero-shot")
 VERSION_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "tflite": ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
                     "pte": ("executorch", "torchao")}
 
@@ -49,11 +53,17 @@ class CompileConfig:
     percentile: float = 99.999
     golden: Path | None = None  # needed to pick the fastest passing precision
     trt_version: int = 100300
+    towers: tuple[str, ...] = ("image",)  # "text" also compiles the teacher's text tower (fp32) + tokenizer files
+    head: str | None = None  # "zero-shot": also a variant with the label text embeddings folded in (logits out)
     version: int = 1
 
     def __post_init__(self) -> None:
         if self.source == "student" and self.student is None:
             raise ValueError("source = 'student' needs the student folder")
+        if "image" not in self.towers or not set(self.towers) <= set(TOWERS):
+            raise ValueError(f"towers must include 'image' and be among {TOWERS}, got {list(self.towers)}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
 
 
 @dataclass
@@ -96,6 +106,11 @@ def _settings(config: dict) -> dict:
         settings[key] = settings[key] is not None
     if settings.get("calibration"):
         settings["calibration"] = {k: v for k, v in settings["calibration"].items() if k != "source"}
+    # the defaults (image tower, embedding head) leave the key as before these options existed
+    if tuple(settings.get("towers") or ("image",)) == ("image",):
+        settings.pop("towers", None)
+    if settings.get("head") is None:
+        settings.pop("head", None)
     return settings
 
 
@@ -159,9 +174,10 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
     if preprocess.layout != target.layout:
         preprocess = dataclasses.replace(preprocess, layout=target.layout)
 
-    labels, text = [], None
+    labels, text, head_folder = [], None, None
     if config.head_data is not None:
-        labels = read_folder(config.head_data, config.captions_file).labels
+        head_folder = read_folder(config.head_data, config.captions_file)
+        labels = head_folder.labels
         if labels and teacher.text_encoder is not None and teacher.tokenizer is not None:
             text = class_text_embeddings(teacher, labels, list(config.prompts)).numpy()
 
@@ -198,7 +214,8 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
             if name == "calibration.cache" and selection["chosen"] != "int8":
                 continue  # only meaningful beside an int8 artifact
             atomic_write_text(tmp / name, content)
-        artifacts = [file_record(shipped, tmp, format=built.format, runtime=target.runtime, precision=selection["chosen"])]
+        artifacts = [file_record(shipped, tmp, format=built.format, runtime=target.runtime, precision=selection["chosen"],
+                                 tower="image")]
         io_records = built.io
         if built.format == "tflite":
             io_records = backend.tensor_records(shipped, normalized=target.normalize_output)
@@ -214,6 +231,20 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
             atomic_write_bytes(tmp / "text_embeddings.npy", buf.getvalue())
             head = {"kind": "zero-shot", "labels": "labels.json", "text_embeddings": "text_embeddings.npy",
                     "prompts": list(config.prompts), "logit_scale": teacher.logit_scale}
+        towers = {"image": {"built": True, "artifact": shipped.name}}
+        if "text" in config.towers:
+            towers["text"] = _text_tower(config.target, teacher, target, backend, tmp, _check_texts(labels, config.prompts, head_folder), blog)
+            if towers["text"]["built"]:
+                artifacts.append(towers["text"].pop("record"))
+        if config.head == "zero-shot":
+            zs = _zero_shot_variant(config, target, backend, encoder, shape, shipped, selection["chosen"], text, teacher,
+                                    calibration, tmp, blog)
+            if zs["built"]:
+                artifacts.append(zs.pop("record"))
+            if head is not None:
+                head["logits"] = zs.get("artifact")
+                if not zs["built"]:
+                    head["logits_not_built"] = zs["reason"]
         inputs = [dict(r, preprocess=preprocess.to_json()) for r in io_records["inputs"]]
         manifest = {
             "schema": SCHEMA,
@@ -224,6 +255,7 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
             "inputs": inputs,
             "outputs": io_records["outputs"],
             "head": head,
+            "towers": towers,
             "sources": sources,
             "versions": package_versions("torch", *VERSION_PACKAGES[built.format]),
             "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1),
@@ -238,6 +270,166 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return CompileOutputs(config.out, manifest)
+
+
+TEXT_SUFFIX = {"onnx": "onnx", "litert": "tflite", "executorch": "pte"}
+
+
+def _check_texts(labels: list[str], prompts: tuple[str, ...], folder) -> list[str]:
+    """The texts a shipped tokenizer must tokenise exactly as the teacher does: label prompts and captions."""
+    texts = [p.format(label) for label in labels for p in prompts]
+    if folder is not None and folder.has_captions:
+        texts += [c for it in folder.items for c in it.captions]
+    return texts or ["a photo of a thing."]
+
+
+def _text_tower(name: str, teacher, target, backend, folder: Path, texts: list[str], log) -> dict:
+    """The teacher's text tower (fp32, int32 token ids, no ArgMax) and its tokenizer files in ``folder/tokenizer``.
+
+    fp32 because it runs once per label set (or per query), not per image: its latency matters little and
+    int8 would only cost agreement. Returns {"built": True, "record": artifact record} or {"built": False,
+    "reason": ...} (the image artifact ships either way; the reason goes into the manifest)."""
+    import numpy as np
+
+    from .models.text_export import ship_tokenizer, text_export_module
+    from .runtime.tokenize import tokenize
+
+    if target.constraints.fully_integer or target.constraints.supported_ops:
+        reason = (f"target {name} runs fully integer image models on an accelerator; a text tower (token "
+                  "embedding gather, LayerNorm, attention) does not map onto it. Compile the text tower for cpu, "
+                  "android or ios; for zero-shot use ship text_embeddings.npy (written here)")
+        log(f"text tower not built: {reason}")
+        return {"built": False, "reason": reason}
+    if not hasattr(backend, "export_text") or target.backend not in TEXT_SUFFIX:
+        reason = f"the {target.backend} backend has no text-tower export"
+        log(f"text tower not built: {reason}")
+        return {"built": False, "reason": reason}
+    tok_dir = folder / "tokenizer"
+    try:
+        module, pooling = text_export_module(teacher)
+        tokenizer = ship_tokenizer(teacher, tok_dir, check=texts)
+        path = folder / f"text.fp32.{TEXT_SUFFIX[target.backend]}"
+        length = pooling["context_length"]
+        if target.backend == "onnx":
+            io_records = backend.export_text(module, length, path, dynamic_batch=not target.constraints.static_shapes)
+        else:
+            io_records = backend.export_text(module, length, path)
+    except InputError as exc:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        for f in folder.glob("text.fp32.*"):
+            f.unlink()
+        log(f"text tower not built: {exc}")
+        return {"built": False, "reason": str(exc)}
+    # the artifact in its own runtime against the eager teacher, on every text the tokenizer was checked on
+    from .runtime.runners import open_runner
+
+    ids = tokenize(teacher.tokenizer, texts)
+    got = open_runner(path, target.runtime)(ids)
+    ref = teacher.encode_text(torch_ids(ids)).numpy()
+    cos = np.sum(got * ref, axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+    check = {"texts": len(texts), "max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min())}
+    log(f"text tower: fp32 {path.name} ({path.stat().st_size / 1e6:.2f} MB), int32 ids of length {length}, "
+        f"pooling: {pooling['how']}; vs eager teacher on {len(texts)} texts: max |diff| {check['max_abs_diff']:.2e}")
+    record = file_record(path, folder, format=TEXT_SUFFIX[target.backend], runtime=target.runtime, precision="fp32",
+                         tower="text", inputs=io_records["inputs"], outputs=io_records["outputs"], tokenizer=tokenizer,
+                         pooling=pooling, check=check)
+    if io_records.get("delegation"):
+        record["delegation"] = io_records["delegation"]
+    return {"built": True, "record": record, "artifact": path.name}
+
+
+ZERO_SHOT_NAME = "model.zeroshot"
+
+
+def _zero_shot_variant(config: CompileConfig, target, backend, encoder, shape, shipped: Path, precision: str, text,
+                       teacher, calibration, folder: Path, log) -> dict:
+    """The image model with the head folded in: logits = logit_scale * normalize(image) @ text.T (+ logit_bias).
+
+    ``text`` are the label embeddings as shipped in text_embeddings.npy (fp16, widened), so the logits
+    artifact decides exactly as an app using the embedding artifact and the head files. ONNX: the nodes
+    are appended to the shipped graph (same image part, int8 Q/DQ included); other backends build the
+    wrapped model again at the shipped precision (re-quantized: top-1 may differ on near-ties)."""
+    import numpy as np
+
+    if text is None:
+        reason = "no label text embeddings (the eval/train folder has no class sub-folders, or the teacher no text tower)"
+    elif target.constraints.fully_integer:
+        reason = (f"target {config.target} must stay fully integer, and the folded head normalises in float; "
+                  "apply text_embeddings.npy in the app")
+    else:
+        reason = None
+    if reason:
+        log(f"zero-shot variant not built: {reason}")
+        return {"built": False, "reason": reason}
+    matrix = np.asarray(text, np.float16).astype(np.float32)  # (C, D), exactly text_embeddings.npy
+    bias = teacher.logit_bias
+    if target.backend == "onnx":
+        path = folder / f"{ZERO_SHOT_NAME}.onnx"
+        _fold_head_onnx(shipped, path, matrix, teacher.logit_scale, bias, normalize=not target.normalize_output)
+        expected = 1.0
+        inputs = None
+    else:
+        import torch
+
+        from .backends.onnx import ZeroShotLogits
+
+        spec = dataclasses.replace(target, precisions=[precision], normalize_output=False)
+        work = folder / ".zeroshot"
+        work.mkdir()
+        module = ZeroShotLogits(encoder, torch.from_numpy(matrix), teacher.logit_scale, bias).eval()
+        built = backend.build(module, shape, spec=spec, work=work, calibration=calibration, method=config.method,
+                              percentile=config.percentile, trt_version=config.trt_version, log=lambda _: None)
+        src = built.candidates[precision]
+        path = folder / f"{ZERO_SHOT_NAME}{src.suffix}"
+        src.replace(path)
+        shutil.rmtree(work)
+        expected = 0.97 if precision == "int8" else 1.0
+        inputs = backend.tensor_records(path, normalized=False)["inputs"] if built.format == "tflite" else None
+    log(f"zero-shot variant: {path.name} ({precision}, {len(matrix)} labels folded in, logits out)")
+    record = file_record(path, folder, format=TEXT_SUFFIX[target.backend], runtime=target.runtime, precision=precision,
+                         tower="zero-shot", labels="labels.json",
+                         outputs=[{"name": "logits", "shape": [1, len(matrix)], "dtype": "float32"}],
+                         expected_logits_agreement=expected)
+    if inputs is not None:
+        record["inputs"] = inputs
+    return {"built": True, "record": record, "artifact": path.name}
+
+
+def _fold_head_onnx(src: Path, dst: Path, text, scale: float, bias: float | None, *, normalize: bool) -> None:
+    """Append normalize (when the graph does not) -> MatMul(text.T) -> Mul(scale) [-> Add(bias)] to ``src``'s output."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    out = g.output[0]
+    x = out.name
+    nodes = []
+    if normalize:
+        nodes.append(helper.make_node("LpNormalization", [x], ["zs_normalized"], axis=-1, p=2))
+        x = "zs_normalized"
+    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(text.T, np.float32), "zs_text"),
+                          numpy_helper.from_array(np.asarray(scale, np.float32), "zs_scale")])
+    nodes += [helper.make_node("MatMul", [x, "zs_text"], ["zs_sims"]),
+              helper.make_node("Mul", ["zs_sims", "zs_scale"], ["logits" if bias is None else "zs_scaled"])]
+    if bias is not None:
+        g.initializer.append(numpy_helper.from_array(np.asarray(bias, np.float32), "zs_bias"))
+        nodes.append(helper.make_node("Add", ["zs_scaled", "zs_bias"], ["logits"]))
+    g.node.extend(nodes)
+    batch = out.type.tensor_type.shape.dim[0]
+    logits = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
+                                           [batch.dim_param or batch.dim_value, int(text.shape[0])])
+    del g.output[:]
+    g.output.append(logits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def torch_ids(ids):
+    import torch
+
+    return torch.from_numpy(ids.astype("int64"))
 
 
 def _tensorrt_recipe(folder: Path, onnx_file: Path, precision: str, config: CompileConfig) -> dict:
@@ -308,7 +500,7 @@ def _select(candidates: dict[str, Path], target, gates: list[str], config: Compi
     for name, path in candidates.items():
         metrics = compute_metrics(open_runner(path, target.runtime)(x), golden)
         timing = measure_artifact(path, target.runtime, [1, *x.shape[1:]], os.cpu_count() or 1, runs=30, warmup=5)
-        results = check_gates(metrics, gates)
+        results = [r for r in check_gates(metrics, gates) if not r["metric"].startswith(TOWER_METRIC_PREFIXES)]
         rows.append({"precision": name, "bytes": path.stat().st_size, "median_ms": timing["median_ms"],
                      "metrics": {k: metrics[k] for k in ("agreement", "cosine_mean", "cosine_p1", "accuracy") if k in metrics},
                      "passed": all(r["passed"] for r in results)})
@@ -357,7 +549,7 @@ def _regated(config: CompileConfig, key: str, log) -> dict | None:
     if selection.get("policy") == "fastest-passing":
         rows = [dict(r) for r in selection.get("candidates", [])]
         for r in rows:
-            results = check_gates(r.get("metrics", {}), gates)
+            results = [g for g in check_gates(r.get("metrics", {}), gates) if not g["metric"].startswith(TOWER_METRIC_PREFIXES)]
             if any(g["value"] is None for g in results):
                 return None  # a gate on a metric the candidates did not record: measure again
             r["passed"] = all(g["passed"] for g in results)
@@ -400,9 +592,11 @@ def check_device(manifest: dict, folder: Path, device_name: str) -> list[str]:
 
 def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = False, out: Path | None = None,
                         config_path: Path | None = None, progress: bool = True, device: str | None = None,
-                        force: bool = False, log=print, student_dir: Path | None = None) -> CompileOutputs:
+                        force: bool = False, log=print, student_dir: Path | None = None,
+                        towers: tuple[str, ...] | None = None, head: str | None = None) -> CompileOutputs:
     """Compile ``target`` from edgec.toml, distilling the student first when it is missing or its inputs
-    changed (``student_dir``: a student folder already made for this target)."""
+    changed (``student_dir``: a student folder already made for this target). ``towers`` and ``head``
+    ("embedding" or "zero-shot") override ``[targets] towers`` and ``head``."""
     from .distill import DistillConfig
     from .distill.stage import ensure_student
 
@@ -441,7 +635,9 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                          config_sha256=config_sha, gates=tuple(cfg.gates_for(target)), calibration=calibration,
                          trt_version=trt_version_code(dev.runtimes["tensorrt"]) if dev and "tensorrt" in dev.runtimes else 100300,
                          method=cfg.quantize.method, percentile=cfg.quantize.percentile,
-                         golden=golden if (golden / "golden.json").is_file() else None)
+                         golden=golden if (golden / "golden.json").is_file() else None,
+                         towers=tuple(towers or cfg.targets.towers),
+                         head=None if (head or cfg.targets.head) == "embedding" else (head or cfg.targets.head))
     result = run(ccfg, log=log, force=force)
     if device:
         for note in check_device(result.manifest, result.out, device):

@@ -123,6 +123,15 @@ class TargetsSection:
     build: list[str] = doc(help="targets that 'compile --target all' and 'release' build", factory=lambda: ["cpu"])
     out: str = doc("build", help="output folder")
     device: str | None = doc(None, help="device profile (devices/*.toml) to check constraints against")
+    towers: list[Literal["image", "text"]] = doc(
+        help="towers to compile: image, or image and text (the teacher's text tower, fp32, with its tokenizer files)",
+        factory=lambda: ["image"])
+    head: Literal["embedding", "zero-shot"] = doc(
+        "embedding", help="zero-shot: also a variant with the label text embeddings folded in (logits out)")
+
+    def __post_init__(self) -> None:
+        if "image" not in self.towers or len(set(self.towers)) != len(self.towers):
+            raise ValueError(f"towers must include 'image' once (and may add 'text'), got {self.towers}")
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,22 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
                        "normalized": spec.normalize_output}]}
     return Built(candidates=candidates, format="pte", io=io, report=None, calibration_sha256=calib_sha,
                  delegation={p: reports[p] for p in candidates})
+
+
+def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dict:
+    """fp32 .pte (XNNPACK delegate) of a text tower (int32 token ids (1, L) -> normalised embedding)."""
+    require_module("executorch", install="executorch", purpose="ExecuTorch (.pte) targets")
+    example = (torch.zeros(1, context_length, dtype=torch.int32),)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module.eval(), example)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        raise InputError(f"torch.export of the text tower failed: {str(exc).splitlines()[0][:300]}",
+                         hint="compile the image tower only (--towers image)") from None
+    report = _lower(ep, path)
+    with torch.no_grad():
+        dim = int(module(*example).shape[-1])
+    return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None}],
+            "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}],
+            "delegation": report}

@@ -172,3 +172,21 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
                                  f"({', '.join(sorted(set(rep['float_ops'])))}): the target needs a fully integer model",
                                  hint="choose a student without those ops (e.g. an all-convolution one)")
     return built
+
+
+def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dict:
+    """fp32 .tflite of a text tower (int32 token ids (1, L) -> normalised embedding); returns its I/O records."""
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
+    example = torch.zeros(1, context_length, dtype=torch.int32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            litert_torch.convert(module.eval(), (example,)).export(str(path))
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise InputError(f"LiteRT conversion of the text tower failed: {str(exc).splitlines()[0][:300]}",
+                         hint="compile the image tower only (--towers image)") from None
+    with torch.no_grad():
+        dim = int(module(example).shape[-1])
+    return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None}],
+            "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}]}

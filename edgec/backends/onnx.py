@@ -102,3 +102,18 @@ def export_text(module: nn.Module, context_length: int, path: Path, *, dynamic_b
                         "dynamic_batch": dynamic_batch}],
             "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}],
             "opset": OPSET}
+
+
+class ZeroShotLogits(nn.Module):
+    """The image encoder with a zero-shot head folded in: logit_scale * normalize(image) @ text.T (+ logit_bias)."""
+
+    def __init__(self, encoder: nn.Module, text: torch.Tensor, logit_scale: float, logit_bias: float | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("text_t", text.detach().float().t().contiguous(), persistent=False)
+        self.logit_scale = float(logit_scale)
+        self.logit_bias = None if logit_bias is None else float(logit_bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = (F.normalize(self.encoder(pixels), dim=-1) @ self.text_t) * self.logit_scale
+        return logits + self.logit_bias if self.logit_bias is not None else logits

@@ -17,6 +17,10 @@ METRICS = (
     "recall@5",
     "recall@10",
     "text_cosine_mean",
+    "text_cosine_p1",  # the compiled text tower vs the teacher's text embeddings (label prompts, captions)
+    "artifacts_agreement",  # zero-shot top-1 with image and text embeddings both from the artifacts, vs the teacher
+    "logits_agreement",  # the zero-shot (logits) artifact's top-1 vs the image artifact's embeddings + head files
+    "logits_teacher_agreement",
 )
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([a-z][a-z0-9_]*(?:@\d+)?)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")

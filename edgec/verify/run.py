@@ -87,28 +87,49 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
     preprocess = Preprocess.from_json(manifest["inputs"][0]["preprocess"])
     x = golden_inputs(golden, preprocess)
     exprs = list(gates) if gates else list(manifest.get("gates") or DEFAULT_GATES)
-    results = []
+    by_tower: dict[str, list[dict]] = {}
     for art in manifest["artifacts"]:
-        path = folder / art["path"]
-        if not path.is_file():
-            raise InputError(f"artifact missing: {path}", hint="compile the target again")
-        if sha256_file(path) != art["sha256"]:
-            raise InputError(f"{path} does not match the sha256 in manifest.json (truncated or altered)",
-                             hint="compile the target again, or copy the whole folder")
-        runner = open_runner(path, art["runtime"], threads)
+        by_tower.setdefault(art.get("tower", "image"), []).append(art)
+    text = verify_text(folder, by_tower["text"][0], golden, threads) if by_tower.get("text") else None
+    results, image_embeddings = [], None
+    for art in by_tower.get("image", []):
+        runner = open_runner(_checked(folder, art), art["runtime"], threads)
         t0 = time.time()
         emb = runner(x)
         seconds = time.time() - t0
         metrics = compute_metrics(emb, golden)
+        image_embeddings = emb if image_embeddings is None else image_embeddings
+        if text is not None:
+            metrics.update(text["metrics"])
+            if text["class_embeddings"] is not None:  # both towers from artifacts vs the teacher's two towers
+                metrics["artifacts_agreement"] = agreement(
+                    zero_shot_predictions(emb, text["class_embeddings"]),
+                    zero_shot_predictions(golden.image_embeddings, golden.text_embeddings))
         gate_results = check_gates(metrics, exprs)
         results.append({"artifact": art["path"], "precision": art.get("precision"), "runtime": art["runtime"],
                         "metrics": metrics, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
                         "seconds": round(seconds, 2), "per_image": per_image(emb, golden)})
+    logits = None
+    if by_tower.get("zero-shot") and image_embeddings is not None:
+        art = by_tower["zero-shot"][0]
+        logits = verify_logits(folder, art, manifest, x, image_embeddings, golden, threads)
+        expected = art.get("expected_logits_agreement")
+        if expected is not None and not any("logits_agreement" in e for e in exprs):
+            exprs = [*exprs, f"logits_agreement>={expected:g}"]  # recorded by compile: 1 when the image part is the same graph
+        for r in results:  # the logits artifact must decide as the shipped embeddings + head files do
+            r["metrics"].update(logits["metrics"])
+            r["gates"] = check_gates(r["metrics"], exprs)
+            r["passed"] = all(g["passed"] for g in r["gates"])
     report = {"schema": 1, "target": manifest.get("target"), "folder": str(folder), "golden": str(golden_dir),
               "golden_device": golden.meta.get("device"), "results": results,
-              "passed": all(r["passed"] for r in results)}
+              "text": None if text is None else {k: v for k, v in text.items() if k != "class_embeddings"},
+              "zero_shot": logits, "passed": all(r["passed"] for r in results)}
     atomic_write_json(folder / "verify.json", report)
     manifest["metrics"] = {r["artifact"]: r["metrics"] for r in results}
+    if text is not None:
+        manifest["metrics"][text["artifact"]] = text["metrics"]
+    if logits is not None:
+        manifest["metrics"][logits["artifact"]] = logits["metrics"]
     atomic_write_json(folder / "manifest.json", manifest)
     if junit:
         atomic_write_text(junit, to_junit(report))
@@ -127,6 +148,68 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
         raise GateFailed(f"{manifest.get('target')}/{r['artifact']}: gate {g['gate']} failed: {g['metric']} = {value}, "
                          f"threshold {g['threshold']:g}{more}", hint=f"details in {folder / 'verify.json'}")
     return report
+
+
+def _checked(folder: Path, art: dict) -> Path:
+    """The artifact's path, present and matching its recorded sha256."""
+    path = folder / art["path"]
+    if not path.is_file():
+        raise InputError(f"artifact missing: {path}", hint="compile the target again")
+    if sha256_file(path) != art["sha256"]:
+        raise InputError(f"{path} does not match the sha256 in manifest.json (truncated or altered)",
+                         hint="compile the target again, or copy the whole folder")
+    return path
+
+
+def verify_text(folder: Path, art: dict, golden: Golden, threads: int | None = None) -> dict:
+    """The text artifact against the teacher's text embeddings in the golden set: label prompts (averaged
+    per class as zero-shot does) and captions, tokenised with the shipped tokenizer files (no torch)."""
+    from ..runtime.tokenize import load_tokenizer, tokenize
+    from .metrics import l2_normalize
+
+    runner = open_runner(_checked(folder, art), art["runtime"], threads)
+    tokenizer = load_tokenizer(folder, art.get("tokenizer") or {})
+    t0 = time.time()
+    ours, ref, classes = [], [], None
+    labels, prompts = golden.meta.get("labels") or [], golden.meta.get("prompts") or []
+    if golden.text_embeddings is not None and labels and prompts:
+        emb = runner(tokenize(tokenizer, [p.format(label) for label in labels for p in prompts]))
+        classes = l2_normalize(l2_normalize(emb).reshape(len(labels), len(prompts), -1).mean(axis=1)).astype(np.float32)
+        ours.append(classes)
+        ref.append(golden.text_embeddings)
+    captions = [c for cs in (golden.meta.get("captions") or []) for c in cs]
+    if golden.caption_embeddings is not None and captions:
+        ours.append(runner(tokenize(tokenizer, captions)))
+        ref.append(golden.caption_embeddings)
+    if not ours:
+        raise InputError(f"{folder}: the golden set has no teacher text embeddings to compare the text tower with",
+                         hint="the eval folder needs class sub-folders or captions; run 'edgec golden' again")
+    cos = cosine(np.concatenate(ours), np.concatenate(ref))
+    metrics = {"texts": float(len(cos)), "text_cosine_mean": float(cos.mean()), "text_cosine_p1": float(np.percentile(cos, 1))}
+    return {"artifact": art["path"], "runtime": art["runtime"], "metrics": metrics, "seconds": round(time.time() - t0, 2),
+            "class_embeddings": classes}
+
+
+def verify_logits(folder: Path, art: dict, manifest: dict, x: np.ndarray, image_embeddings: np.ndarray, golden: Golden,
+                  threads: int | None = None) -> dict:
+    """The zero-shot artifact (logits out): its top-1 against the top-1 of the image artifact's embeddings with
+    the head's text embeddings (what an app without the folded head computes), and against the teacher."""
+    from ..manifest import inside
+
+    head = manifest.get("head") or {}
+    runner = open_runner(_checked(folder, art), art["runtime"], threads)
+    t0 = time.time()
+    logits = runner(x)
+    text = np.load(inside(folder, head.get("text_embeddings"), "manifest.json: head.text_embeddings"),
+                   allow_pickle=False).astype(np.float32)
+    if logits.shape != (len(x), len(text)):
+        raise InputError(f"{art['path']} gives logits of shape {list(logits.shape)}, expected {[len(x), len(text)]}",
+                         hint="compile the target again")
+    pred = np.argmax(logits, axis=1)
+    metrics = {"logits_agreement": agreement(pred, zero_shot_predictions(image_embeddings, text))}
+    if golden.text_embeddings is not None:
+        metrics["logits_teacher_agreement"] = agreement(pred, zero_shot_predictions(golden.image_embeddings, golden.text_embeddings))
+    return {"artifact": art["path"], "runtime": art["runtime"], "metrics": metrics, "seconds": round(time.time() - t0, 2)}
 
 
 def to_junit(report: dict) -> str:
@@ -163,7 +246,8 @@ def summary_line(report: dict) -> str:
     parts = []
     for r in report["results"]:
         m = r["metrics"]
-        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("agreement", "accuracy", "cosine_mean", "cosine_p1") if k in m)
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("agreement", "accuracy", "cosine_mean", "cosine_p1", "text_cosine_mean",
+                                                      "text_cosine_p1", "artifacts_agreement", "logits_agreement") if k in m)
         parts.append(f"{r['artifact']}: {shown} ({r['seconds']}s)")
     return "; ".join(parts)
 
