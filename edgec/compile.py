@@ -467,7 +467,8 @@ def _accelerator_report(target, built, chosen: str, shipped: Path, folder: Path,
     if target.constraints.supported_ops:
         first = report["first_unsupported"]
         if first is not None:
-            log(f"first op off the accelerator: #{first['index']} {first['op']} ({'; '.join(first['reasons'])}); "
+            where = f" in layer {first['layer']}" if first.get("layer") else ""
+            log(f"first op off the accelerator: #{first['index']} {first['op']}{where} ({'; '.join(first['reasons'])}); "
                 f"it and every op after it run on the CPU")
     if target.accelerator_compiler == "edgetpu_compiler":
         from .backends.litert import run_edgetpu_compiler

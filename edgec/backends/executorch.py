@@ -9,15 +9,18 @@ how many XNNPACK subgraphs, and which op types stayed outside.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import InputError, require_module
+from ..errors import require_module
 from ..models.student import disable_fused_attention
 from . import Built, precision_candidates
+from .diagnose import unsupported_op_error
 from .onnx import NormalizedEmbedding
+from .rewrites import xnnpack_friendly
 
 
 def _lower(ep, path: Path) -> dict:
@@ -39,8 +42,12 @@ def _lower(ep, path: Path) -> dict:
 def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str,
           percentile: float, trt_version: int, log) -> Built:
     require_module("executorch", install="executorch", purpose="ExecuTorch (.pte) targets")
-    model = NormalizedEmbedding(encoder, spec.normalize_output).eval()
+    model = NormalizedEmbedding(copy.deepcopy(encoder), spec.normalize_output).eval()
     disable_fused_attention(model)
+    rewrites = xnnpack_friendly(model)
+    if any(rewrites.values()):
+        log(f"rewrote {rewrites['layer_norm']} LayerNorm and {rewrites['attention']} attention modules into ops "
+            f"XNNPACK delegates")
     example = (torch.zeros(*shape),)
     with torch.no_grad():
         dim = int(model(*example).shape[-1])
@@ -51,12 +58,15 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return torch.export.export(model, example)
-        except Exception as exc:  # noqa: BLE001 - torch.export raises many types; say which op/line it names
-            raise InputError(f"torch.export failed: {str(exc).splitlines()[0][:300]}",
-                             hint="the model is not exportable as it is; try another student") from None
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many types; name the op and the layer
+            raise unsupported_op_error(exc, model, example, converter="torch.export", backend="executorch") from None
 
     fp32 = work / "model.fp32.pte"
-    reports["fp32"] = _lower(export(), fp32)
+    ep = export()
+    try:
+        reports["fp32"] = _lower(ep, fp32)
+    except Exception as exc:  # noqa: BLE001 - lowering fails on ops without an edge/ExecuTorch kernel
+        raise unsupported_op_error(exc, model, example, converter="ExecuTorch lowering", backend="executorch") from None
     log(f"fp32 .pte ({fp32.stat().st_size / 1e6:.2f} MB), {reports['fp32']['delegated_subgraphs']} XNNPACK subgraphs, "
         f"{reports['fp32']['delegated_share']:.0%} of nodes delegated")
 
@@ -86,7 +96,7 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
           "outputs": [{"name": "embedding", "shape": [shape[0], dim], "dtype": "float32",
                        "normalized": spec.normalize_output}]}
     return Built(candidates=candidates, format="pte", io=io, report=None, calibration_sha256=calib_sha,
-                 delegation={p: reports[p] for p in candidates})
+                 delegation={p: {**reports[p], "rewrites": rewrites} for p in candidates})
 
 
 def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dict:
@@ -97,10 +107,10 @@ def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dic
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module.eval(), example)
-    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
-        raise InputError(f"torch.export of the text tower failed: {str(exc).splitlines()[0][:300]}",
-                         hint="compile the image tower only (--towers image)") from None
-    report = _lower(ep, path)
+        report = _lower(ep, path)
+    except Exception as exc:  # noqa: BLE001 - torch.export and lowering raise many types
+        raise unsupported_op_error(exc, module, example, converter="ExecuTorch export of the text tower",
+                                   backend="executorch") from None
     with torch.no_grad():
         dim = int(module(*example).shape[-1])
     return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None}],

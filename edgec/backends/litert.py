@@ -21,6 +21,7 @@ import torch
 from ..errors import InputError, require_module
 
 from . import Built, precision_candidates
+from .diagnose import tflite_layer
 from .onnx import NormalizedEmbedding
 
 INTEGER_TYPES = ("int8", "uint8", "int32", "int16")
@@ -41,9 +42,10 @@ def export(encoder: torch.nn.Module, input_shape: tuple[int, ...], path: Path, *
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             litert_torch.convert(model.eval(), (example,)).export(str(path))
-    except Exception as exc:  # noqa: BLE001 - the converter raises many types
-        raise InputError(f"LiteRT conversion failed: {str(exc).splitlines()[0][:300]}",
-                         hint="the model uses an op LiteRT cannot convert; try another student") from None
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types; name the op and the layer
+        from .diagnose import unsupported_op_error
+
+        raise unsupported_op_error(exc, model, (example,), converter="LiteRT conversion", backend="litert") from None
     with torch.no_grad():
         dim = int(NormalizedEmbedding(encoder).eval()(torch.zeros(*nchw)).shape[-1])
     return {"inputs": [{"name": "pixels", "shape": list(input_shape), "dtype": "float32", "quantization": None}],
@@ -118,7 +120,10 @@ def op_report(path: Path, *, supported: frozenset[str] | None = None, max_rank: 
                     break
         if reasons and first_off is None:
             first_off = i
-        ops.append({"index": i, "op": op["op_name"], "off_accelerator": bool(reasons), "reasons": reasons})
+        out = tensors.get(op["outputs"][0]) if len(op["outputs"]) else None
+        ops.append({"index": i, "op": op["op_name"], "off_accelerator": bool(reasons), "reasons": reasons,
+                    "float": is_float and op["op_name"] not in ("QUANTIZE", "DEQUANTIZE"),
+                    "layer": tflite_layer(out["name"]) if out is not None else None})
     total = len(ops)
     mapped = first_off if first_off is not None else total
     return {"ops": ops, "total": total, "float_ops": float_ops, "first_unsupported": ops[first_off] if first_off is not None else None,
@@ -168,9 +173,13 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
     if c.fully_integer:
         for p, rep in built.report.items():
             if p == "int8" and rep["float_ops"]:
+                first = next(o for o in rep["ops"] if o.get("float"))
                 raise InputError(f"{len(rep['float_ops'])} float ops remain in the int8 model "
-                                 f"({', '.join(sorted(set(rep['float_ops'])))}): the target needs a fully integer model",
-                                 hint="choose a student without those ops (e.g. an all-convolution one)")
+                                 f"({', '.join(sorted(set(rep['float_ops'])))}); the first, #{first['index']} {first['op']}, "
+                                 f"is in layer {first['layer'] or '(unnamed)'}: the target needs a fully integer model",
+                                 hint="give this target an all-convolution student ([student] targets = { <target> = "
+                                      "\"mobilenetv4_conv_small\" } in edgec.toml), or compile for cpu, android or "
+                                      "android-tflite, which run float ops")
     return built
 
 
@@ -184,8 +193,10 @@ def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dic
             warnings.simplefilter("ignore")
             litert_torch.convert(module.eval(), (example,)).export(str(path))
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
-        raise InputError(f"LiteRT conversion of the text tower failed: {str(exc).splitlines()[0][:300]}",
-                         hint="compile the image tower only (--towers image)") from None
+        from .diagnose import unsupported_op_error
+
+        raise unsupported_op_error(exc, module, (example,), converter="LiteRT conversion of the text tower",
+                                   backend="litert") from None
     with torch.no_grad():
         dim = int(module(example).shape[-1])
     return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None}],

@@ -9,8 +9,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import InputError
-
 from . import Built, precision_candidates
 
 OPSET = 17  # dynamo=False keeps the requested opset; the dynamo exporter silently gives 18
@@ -42,9 +40,10 @@ def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dyna
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(model, (example,), str(path), input_names=["pixels"], output_names=["embedding"],
                               opset_version=OPSET, dynamic_axes=axes, dynamo=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; name the op when it says one
-        raise InputError(f"ONNX export failed: {str(exc).splitlines()[0][:300]}",
-                         hint="the model uses an op the ONNX exporter cannot express; try another student") from None
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; name the op and the layer
+        from .diagnose import unsupported_op_error
+
+        raise unsupported_op_error(exc, model, (example,), converter="the ONNX exporter", backend="onnx") from None
     onnx.checker.check_model(str(path))
     with torch.no_grad():
         dim = int(model(example).shape[-1])
@@ -93,8 +92,10 @@ def export_text(module: nn.Module, context_length: int, path: Path, *, dynamic_b
             torch.onnx.export(module.eval(), (example,), str(path), input_names=["token_ids"], output_names=["embedding"],
                               opset_version=OPSET, dynamic_axes=axes, dynamo=False)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-        raise InputError(f"ONNX export of the text tower failed: {str(exc).splitlines()[0][:300]}",
-                         hint="compile the image tower only (--towers image)") from None
+        from .diagnose import unsupported_op_error
+
+        raise unsupported_op_error(exc, module, (example,), converter="the ONNX exporter (text tower)",
+                                   backend="onnx") from None
     onnx.checker.check_model(str(path))
     with torch.no_grad():
         dim = int(module(example).shape[-1])
