@@ -280,6 +280,9 @@ def compile_cmd(
     head: Annotated[Optional[str], typer.Option(
         "--head", help="embedding (default: [targets] head) or zero-shot: also a model.zeroshot.* variant with the label "
                        "text embeddings folded in (logits out).")] = None,
+    jobs: Annotated[Optional[int], typer.Option(
+        "--jobs", "-j", min=1, help="With several targets (--target all): how many compile at once, each in its own "
+                                    "process (default: min(targets, CPU cores)).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a target folder: artifacts, zero-shot head files and manifest.json (runs distill first when missing)."""
@@ -300,18 +303,50 @@ def compile_cmd(
     if out_dir is not None and len(targets) > 1:
         raise EdgecError("--out names one folder; with --target all each target goes to <build>/<target>")
     log = _logger(as_json)
-    results = []
+    config_path = Path(config or DEFAULT_CONFIG)
     with _build_lock(cfg, "edgec compile"):
-        for name in targets:
-            res = compile_from_config(cfg, name, no_distill=no_distill, out=out_dir, config_path=Path(config or DEFAULT_CONFIG),
-                                      progress=progress and not as_json, device=device, force=force, log=log,
-                                      towers=tower_list, head=head)
-            results.append(res)
-            if not as_json:
-                files = ", ".join(a["path"] for a in res.manifest["artifacts"])
-                out.print(f"wrote {res.out} ({files}, manifest.json)", markup=False)
+        if len(targets) > 1:
+            from .compile import compile_many
+
+            many = compile_many(cfg, targets, jobs=jobs, no_distill=no_distill, config_path=config_path,
+                                progress=progress and not as_json, device=device, force=force, towers=tower_list,
+                                head=head, log=log)
+            _compile_summary(many, as_json)
+            return
+        res = compile_from_config(cfg, targets[0], no_distill=no_distill, out=out_dir, config_path=config_path,
+                                  progress=progress and not as_json, device=device, force=force, log=log,
+                                  towers=tower_list, head=head)
     if as_json:
-        _emit_json([{"out": str(r.out), **r.manifest} for r in results])
+        _emit_json([{"out": str(res.out), **res.manifest}])
+    else:
+        files = ", ".join(a["path"] for a in res.manifest["artifacts"])
+        out.print(f"wrote {res.out} ({files}, manifest.json)", markup=False)
+
+
+def _compile_summary(results: dict, as_json: bool) -> None:
+    """One table for several targets; exit with the first failed target's exit code."""
+    from .errors import EXIT_GATE_FAILED
+
+    failed = [r for r in results.values() if r.status == "failed"]
+    if as_json:
+        _emit_json([{"target": t, "status": r.status, "seconds": r.seconds, "error": r.error, "hint": r.hint,
+                     **({"out": str(r.output.out), **r.output.manifest} if r.output else {})} for t, r in results.items()])
+    else:
+        table = Table("target", "status", "seconds", "artifacts / error")
+        for t, r in results.items():
+            detail = ", ".join(a["path"] for a in r.output.manifest["artifacts"]) if r.output else f"{r.error}"
+            table.add_row(t, r.status if r.status != "failed" else "[red]failed[/red]", f"{r.seconds:.0f}", detail)
+        out.print(table)
+    if failed:
+        first = failed[0]
+        code = first.exit_code if first.exit_code is not None else EXIT_GATE_FAILED
+        exc = EdgecError(f"{len(failed)} of {len(results)} targets failed ({', '.join(r.target for r in failed)}); "
+                         f"{first.target}: {first.error}", hint=first.hint)
+        if as_json:  # one JSON document on stdout: the rows above carry each error
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(code)
+        exc.exit_code = code
+        raise exc
 
 
 def _parse_towers(value: str | None) -> tuple[str, ...] | None:
