@@ -166,9 +166,11 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
 
 
 def _verify_key(folder: Path, manifest: dict, golden_meta: dict, gates: list[str]) -> str:
-    return _hash({"artifacts": [(a["path"], a["sha256"], a["runtime"]) for a in manifest["artifacts"]],
-                  "preprocess": [i.get("preprocess") for i in manifest.get("inputs", [])],
-                  "golden": golden_meta.get("npz_sha256"), "gates": gates,
+    """What a verification depends on: every file of the target folder (artifacts, head and tokenizer
+    files) and what the manifest says about them, the golden set, the gates, the runtimes' versions."""
+    files = [(f["path"], f["sha256"]) for f in _files(folder) if f["path"] not in ("manifest.json", VERIFY_JSON)]
+    described = {k: manifest.get(k) for k in ("artifacts", "inputs", "outputs", "head", "towers")}
+    return _hash({"files": files, "manifest": described, "golden": golden_meta.get("npz_sha256"), "gates": gates,
                   "versions": package_versions(*RUNTIME_PACKAGES)})
 
 
@@ -191,8 +193,7 @@ def _verify_stage(target: str, folder: Path, golden: Path, golden_meta: dict, ga
     manifest = read_manifest(folder)
     key = _verify_key(folder, manifest, golden_meta, gates)
     report = _read_json(folder / VERIFY_JSON)
-    if (report is not None and report.get("cache_key") == key
-            and [r.get("artifact") for r in report.get("results", [])] == [a["path"] for a in manifest["artifacts"]]):
+    if report is not None and report.get("cache_key") == key and report.get("results"):
         status = "cached"
     else:
         status = "ran"
