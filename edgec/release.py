@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -96,17 +97,25 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+_PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")  # staged_dir's temporary folders (mkdtemp)
+_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write_bytes's temporary files (mkstemp)
+_DEPTH = 3  # build/distill/<student>/last is the deepest staged folder
+
+
 def recover(build: Path, log=print) -> list[str]:
     """Undo what a killed run left behind (call with the lock held): restore a ``.X.old`` folder whose
-    replacement never landed, remove ``.*.partial`` folders and ``.*.tmp`` files. Returns what was done."""
+    replacement never landed, remove ``.*.partial`` folders and ``.*.tmp`` files (only the names edgec's
+    staged writes use, at most three levels below the build folder). Returns what was done."""
     done = []
     if not build.is_dir():
         return done
     for root, dirs, files in os.walk(build):
         here = Path(root)
+        if len(here.relative_to(build).parts) >= _DEPTH:
+            dirs.clear()
         for d in list(dirs):
             p = here / d
-            if d.startswith(".") and d.endswith(".old"):
+            if d.startswith(".") and d.endswith(".old") and len(d) > 5:
                 final = here / d[1:-4]
                 if final.exists():
                     shutil.rmtree(p, ignore_errors=True)
@@ -114,12 +123,12 @@ def recover(build: Path, log=print) -> list[str]:
                     os.replace(p, final)
                     done.append(f"restored {final} (its replacement was interrupted)")
                 dirs.remove(d)
-            elif d.startswith(".") and d.endswith(".partial"):
+            elif _PARTIAL.match(d):
                 shutil.rmtree(p, ignore_errors=True)
                 done.append(f"removed {p} (half-written by an interrupted run)")
                 dirs.remove(d)
         for f in files:
-            if f.startswith(".") and f.endswith(".tmp"):
+            if _TMP.match(f):
                 (here / f).unlink(missing_ok=True)
                 done.append(f"removed {here / f} (half-written by an interrupted run)")
     for line in done:
@@ -329,16 +338,19 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
                 continue
             s = ensure_student(dcfg, progress=config.progress, log=log, memo=memo)
             students[dcfg.student] = s
-            stages.append(_Stage("distill", dcfg.student, s.key, "ran" if s.status == "trained" else s.status,
-                                 s.seconds, str(s.out)))
+            status = "cached" if s.cached else "ran" if s.status == "trained" else s.status  # adopted counts as cached
+            stages.append(_Stage("distill", dcfg.student, s.key, status, s.seconds, str(s.out)))
 
-        records = {}
+        records, device = {}, cfg.targets.device
         for t in targets:
             name = DistillConfig.from_edgec(cfg, target=t).student
             t1 = time.time()
             folder = build / t
+            # a [targets] device profile applies to its own target only
+            tcfg = cfg if device is None or registry.get("devices", device).spec.target == t else dataclasses.replace(
+                cfg, targets=dataclasses.replace(cfg.targets, device=None))
             try:
-                res = compile_from_config(cfg, t, config_path=Path(config.config), progress=config.progress, log=log,
+                res = compile_from_config(tcfg, t, config_path=Path(config.config), progress=config.progress, log=log,
                                           student_dir=students[name].student)
                 cstage = _Stage("compile", t, res.manifest["build"].get("cache_key"), "cached" if res.cached else "ran",
                                 time.time() - t1, str(res.out))

@@ -191,14 +191,15 @@ def test_recover_restores_an_interrupted_replace_and_removes_partial_output(tmp_
     build = tmp_path / "build"
     (build / ".cpu.old").mkdir(parents=True)  # killed between 'cpu -> .cpu.old' and '.cpu.x.partial -> cpu'
     (build / ".cpu.old" / "manifest.json").write_text("{}")
-    (build / ".cpu.x1.partial").mkdir()
+    (build / ".cpu.x1y2z3_4.partial").mkdir()
     (build / "jetson").mkdir()
     (build / ".jetson.old").mkdir()  # killed after the new folder landed
-    (build / "jetson" / ".verify.json.abc.tmp").write_text("half")
+    (build / "jetson" / ".verify.json.abc12345.tmp").write_text("half")
+    (build / "jetson" / ".keep.tmp").write_text("not ours")
     done = recover(build, log=lambda *_: None)
     assert (build / "cpu" / "manifest.json").is_file() and not (build / ".cpu.old").exists()
     assert sorted(p.name for p in build.iterdir()) == ["cpu", "jetson"]
-    assert not list((build / "jetson").iterdir()) and len(done) == 3
+    assert [p.name for p in (build / "jetson").iterdir()] == [".keep.tmp"] and len(done) == 3  # only edgec's temporaries
 
 
 # ---------------------------------------------------------------- real runs killed mid-stage
