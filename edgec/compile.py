@@ -637,6 +637,7 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
         calibration = CalibrationSpec(cfg.resolve(cfg.calibration.path), cfg.calibration.num_images,
                                       cfg.calibration.min_images, cfg.calibration.seed, cfg.data.max_bad_fraction)
     golden = ensure_golden(cfg, target, log)
+    spec = registry.get("targets", target).spec
     ccfg = CompileConfig(target=target, out=out or build / target, teacher=teacher,
                          source="teacher" if no_distill else "student", student=student_dir, head_data=head_data,
                          prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions, device=device,
