@@ -127,6 +127,29 @@ def test_changed_distill_key_reruns_distill_compile_verify_not_golden(built, tmp
     assert not (build / "distill" / f".{STUDENT}.work").exists()
 
 
+def test_a_student_distilled_before_keys_were_recorded_is_adopted_when_its_recorded_inputs_match(built, tmp_path,
+                                                                                                  shapes_data):
+    config, build = copy_project(built, tmp_path, shapes_data)
+    path = build / "distill" / STUDENT / "manifest.json"
+    legacy = json.loads(path.read_text())
+    key = legacy.pop("cache")["key"]
+    path.write_text(json.dumps(legacy))
+    result = release(config)
+    assert result.exit_code == 0, result.output
+    assert f"distill {STUDENT}: from cache (recorded inputs match; key written)" in result.stdout
+    assert set(stages(build).values()) == {"cached"} and json.loads(path.read_text())["cache"]["key"] == key
+
+    legacy["config"]["lr"] = 0.5  # recorded with other settings: not adopted
+    path.write_text(json.dumps(legacy))
+    from edgec.config import load_config
+    from edgec.distill import DistillConfig
+    from edgec.distill.stage import cached_student, distill_inputs, inputs_key
+
+    dcfg = DistillConfig.from_edgec(load_config(config), target="cpu")
+    inputs = distill_inputs(dcfg)
+    assert inputs_key(inputs) == key and cached_student(dcfg, inputs, key) is None
+
+
 def test_changed_gate_reruns_only_verify_and_a_failing_gate_exits_1(built, tmp_path, shapes_data):
     config, build = copy_project(built, tmp_path, shapes_data, gates='["cosine_mean>=0.05", "agreement>=0.0"]')
     model = snapshot(build / "cpu")
