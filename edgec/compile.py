@@ -209,6 +209,7 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
         chosen = built.candidates[selection["chosen"]]
         shipped = tmp / chosen.name
         chosen.replace(shipped)
+        variants = _place_variants(built.variants, tmp, blog)
         shutil.rmtree(work)
         for name, content in built.files.items():
             if name == "calibration.cache" and selection["chosen"] != "int8":
@@ -266,6 +267,7 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
             "ops": accelerator,
             "delegation": {"shipped": built.delegation[selection["chosen"]], "candidates": built.delegation}
             if built.delegation else None,
+            "variants": variants or None,
             "metrics": None,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -430,6 +432,21 @@ def torch_ids(ids):
     import torch
 
     return torch.from_numpy(ids.astype("int64"))
+
+
+def _place_variants(variants: dict[str, dict], folder: Path, log) -> dict:
+    """Programs for delegates whose runtime is not on this machine (Core ML): moved into the folder and
+    recorded with sha256 and 'verified': false, or the reason they were not built."""
+    out = {}
+    for name, v in variants.items():
+        if "path" not in v:
+            log(f"{name} variant not built: {v['reason']}")
+            out[name] = {"built": False, "reason": v["reason"]}
+            continue
+        dest = folder / v["path"].name
+        v["path"].replace(dest)
+        out[name] = {"built": True, **file_record(dest, folder), **{k: x for k, x in v.items() if k != "path"}}
+    return out
 
 
 def _tensorrt_recipe(folder: Path, onnx_file: Path, precision: str, config: CompileConfig) -> dict:

@@ -189,6 +189,13 @@ def validate_manifest(manifest: Any, folder: str | Path, where: str = MANIFEST) 
     gates = manifest.get("gates")
     _expect(gates is None or isinstance(gates, list) and all(isinstance(g, str) for g in gates), where,
             "'gates' must be a list of strings")
+    variants = manifest.get("variants")
+    if variants is not None:
+        _expect(isinstance(variants, dict), where, "'variants' must be null or an object")
+        for name, v in variants.items():
+            _expect(isinstance(v, dict), where, f"variants.{name} must be an object")
+            if v.get("built"):
+                inside(folder, v.get("path"), f"{where}: variants.{name}.path")
     head = manifest.get("head")
     if head is not None:
         _expect(isinstance(head, dict), where, "'head' must be null or an object")

@@ -54,6 +54,10 @@ class TargetSpec:
                       "first: ship the first precision (runtimes that cannot be measured on the build machine)")
     normalize_output: bool = doc(True, help="fold the L2 normalisation into the graph (off where the accelerator "
                                             "cannot run it in int8: the app normalises the embedding itself)")
+    extra_delegates: list[Literal["coreml"]] = doc(
+        help="ExecuTorch only: also lower the fp32 program for these delegates (coreml: Apple Neural Engine/GPU); "
+             "kept beside the verified artifact, unverified here because their runtime exists only on the device",
+        factory=list)
     accelerator_compiler: Literal["edgetpu_compiler"] | None = doc(
         None, help="a vendor compiler run on the artifact when it is on PATH (its verdict goes into the manifest)")
     version: int = doc(1, help="schema version")
@@ -63,6 +67,8 @@ class TargetSpec:
             raise ValueError("precisions must name at least one of " + ", ".join(PRECISIONS))
         for expr in self.gates:
             parse_gate(expr)
+        if self.extra_delegates and self.backend != "executorch":
+            raise ValueError("extra_delegates applies to the executorch backend only")
 
 
 @dataclass(frozen=True)

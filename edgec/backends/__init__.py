@@ -38,6 +38,8 @@ class Built:
     calibration_sha256: str | None = None
     delegation: dict | None = None  # per precision: delegated subgraphs, share, ops left outside (ExecuTorch)
     notes: list[str] = field(default_factory=list)
+    # programs for another delegate that cannot run here (Core ML): name -> {"path": Path, ...record} or {"reason": ...}
+    variants: dict[str, dict] = field(default_factory=dict)
 
 
 def precision_candidates(spec, backend: str, fp32: Path, make_int8: Callable[[], tuple[Path, str]]) -> tuple[dict[str, Path], str | None]:

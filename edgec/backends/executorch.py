@@ -24,17 +24,20 @@ from .onnx import NormalizedEmbedding
 from .rewrites import xnnpack_friendly
 
 
-def _lower(ep, path: Path) -> dict:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def _lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    if partitioner is None:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioner = XnnpackPartitioner()
+    edge = to_edge_transform_and_lower(ep, partitioner=[partitioner])
     info = get_delegation_info(edge.exported_program().graph_module)
     path.write_bytes(edge.to_executorch().buffer)
     outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items() if b.non_delegated}
     total = info.num_delegated_nodes + info.num_non_delegated_nodes
-    return {"delegate": "xnnpack", "delegated_subgraphs": info.num_delegated_subgraphs,
+    return {"delegate": delegate, "delegated_subgraphs": info.num_delegated_subgraphs,
             "delegated_nodes": info.num_delegated_nodes, "non_delegated_nodes": info.num_non_delegated_nodes,
             "delegated_share": round(info.num_delegated_nodes / total, 4) if total else 0.0,
             "not_delegated_ops": dict(sorted(outside.items(), key=lambda kv: -kv[1]))}
@@ -93,11 +96,50 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
         return out, calib.sha256
 
     candidates, calib_sha = precision_candidates(spec, "executorch", fp32, int8)
+    variants = {name: _variant(name, encoder, spec, example, work, log) for name in spec.extra_delegates}
     io = {"inputs": [{"name": "pixels", "shape": list(shape), "dtype": "float32", "quantization": None}],
           "outputs": [{"name": "embedding", "shape": [shape[0], dim], "dtype": "float32",
                        "normalized": spec.normalize_output}]}
     return Built(candidates=candidates, format="pte", io=io, report=None, calibration_sha256=calib_sha,
-                 delegation={p: {**reports[p], "rewrites": rewrites} for p in candidates})
+                 delegation={p: {**reports[p], "rewrites": rewrites} for p in candidates}, variants=variants)
+
+
+COREML_TARGET = "iOS17"  # what an iPhone 15 Pro ships with; older targets lose ops and precision choices
+
+
+def _variant(name: str, encoder: torch.nn.Module, spec, example: tuple, work: Path, log) -> dict:
+    """The fp32 program lowered for another delegate (Core ML), or the reason it was not.
+
+    Core ML takes float graphs and runs them in fp16 on the Neural Engine/GPU; ExecuTorch's
+    CoreMLBackend runtime exists only in Apple builds, so the program cannot be run here: it is
+    recorded as unverified, next to the XNNPACK artifact that was verified."""
+    if name != "coreml":
+        return {"reason": f"no {name} delegate in this edgec"}
+    try:
+        import coremltools as ct
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+    except ImportError as exc:
+        return {"reason": f"ExecuTorch's Core ML backend cannot be imported here ({exc}); pip install coremltools"}
+    model = NormalizedEmbedding(copy.deepcopy(encoder), spec.normalize_output).eval()
+    specs = CoreMLBackend.generate_compile_specs(compute_unit=ct.ComputeUnit.ALL, compute_precision=ct.precision.FLOAT16,
+                                                 minimum_deployment_target=getattr(ct.target, COREML_TARGET))
+    path = work / "model.coreml.pte"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, example)
+            report = _lower(ep, path, CoreMLPartitioner(compile_specs=specs), delegate="coreml")
+    except Exception as exc:  # noqa: BLE001 - coremltools raises many types; the XNNPACK artifact ships regardless
+        return {"reason": f"Core ML lowering failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"}
+    log(f"Core ML .pte ({path.stat().st_size / 1e6:.2f} MB, fp16 compute, {COREML_TARGET}+), "
+        f"{report['delegated_subgraphs']} Core ML subgraphs, {report['delegated_share']:.0%} delegated; "
+        "not verified here (CoreMLBackend runs on Apple devices only)")
+    return {"path": path, "format": "pte", "runtime": "executorch", "precision": "fp16", "delegate": "coreml",
+            "minimum_deployment_target": COREML_TARGET, "delegation": report, "verified": False,
+            "why_unverified": "ExecuTorch's CoreMLBackend is built only for Apple platforms; run the program with "
+                              "ExecuTorch on a Mac or iPhone (e.g. the ExecuTorch iOS demo app) and compare with "
+                              "the golden set"}
 
 
 def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dict:
