@@ -111,6 +111,19 @@ def test_logits_artifact_top1_equals_embedding_predictions(towers):
                                atol=1e-3)
 
 
+def test_verify_of_both_towers_needs_no_torch(towers):
+    import subprocess
+    import sys
+
+    _, build, _ = towers
+    code = ("import sys; sys.modules['torch'] = None\n"  # any 'import torch' raises ImportError
+            "from edgec.cli import app\n"
+            f"app(['verify', {str(build / 'cpu')!r}, '--gate', 'text_cosine_mean>=0.999'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "text_cosine_mean 1.0000" in proc.stdout
+
+
 def test_default_compile_keeps_one_artifact_and_its_cache_key(towers):
     """Without --towers/--head the folder is the image model alone; switching back rebuilds it."""
     config, build, _ = towers
@@ -162,3 +175,4 @@ def test_pte_text_tower_runs_in_executorch(tiny_edgec, tmp_path, torch):
     ids = np.asarray(model.tokenizer(["a photo of a red circle", "a blue square"]), np.int32)
     got = open_runner(tmp_path / "text.pte", "executorch")(ids)
     np.testing.assert_allclose(got, model.encode_text(torch.from_numpy(ids.astype(np.int64))).numpy(), atol=1e-5)
+
