@@ -92,3 +92,20 @@ def test_shipped_tokenizer_runs_torch_free_and_gives_the_teachers_ids(kind, requ
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ")
     assert out[-1].strip() == "int32"
     assert json.loads(out[0]) == np.asarray(model.tokenizer(texts)).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["open_clip", "hf-clip"])
+def test_text_tower_converts_to_litert_with_int32_ids(kind, request, tmp_path, torch):
+    """The open_clip text tower that fails LiteRT conversion on its int64 ArgMax converts with mask pooling."""
+    from edgec.backends.litert import export_text
+    from edgec.models.text_export import text_export_module
+    from edgec.runtime.runners import open_runner
+
+    model = _load(request, kind)
+    module, _ = text_export_module(model)
+    rec = export_text(module, model.context_length, tmp_path / "text.tflite")
+    ids = _ids(model, np.random.default_rng(0))
+    got = open_runner(tmp_path / "text.tflite", "litert")(ids.astype(np.int32))
+    np.testing.assert_allclose(got, model.encode_text(torch.from_numpy(ids)).numpy(), atol=1e-5)
+    assert rec["inputs"][0]["dtype"] == "int32"
