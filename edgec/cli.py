@@ -372,7 +372,7 @@ def _build_lock(cfg, command: str):
 @_command("release")
 def release_cmd(
     config: ConfigOpt = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets (default: [targets] build).")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets (default: the build list of the targets section).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run holding the build folder's lock "
                                                       "instead of refusing.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = False,

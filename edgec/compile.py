@@ -337,6 +337,9 @@ def _text_tower(name: str, teacher, target, backend, folder: Path, texts: list[s
                          pooling=pooling, check=check)
     if io_records.get("delegation"):
         record["delegation"] = io_records["delegation"]
+    if target.runtime == "tensorrt":
+        record["engine_not_built"] = (f"build its engine on the device like the image model's: trtexec --onnx={path.name} "
+                                      "--saveEngine=text.engine (fp32 ONNX; add --fp16 only after checking the cosine)")
     return {"built": True, "record": record, "artifact": path.name}
 
 
