@@ -10,17 +10,31 @@ from ..errors import InputError, require_module
 from .inspect import litert_interpreter_module
 
 
+def onnx_providers(runtime: str, available: list[str]) -> list:
+    """Execution providers for an ONNX artifact: a ``tensorrt`` artifact runs in TensorRT (through onnxruntime's
+    TensorRT provider, int8 from its Q/DQ nodes, fp16 elsewhere as build_engine.sh asks) where onnxruntime-gpu
+    with TensorRT is installed, else on the CPU; ``executed_by`` in verify.json says which it was."""
+    providers: list = []
+    if runtime == "tensorrt" and "TensorrtExecutionProvider" in available:
+        providers.append(("TensorrtExecutionProvider", {"trt_int8_enable": True, "trt_fp16_enable": True}))
+    if runtime == "tensorrt" and "CUDAExecutionProvider" in available:
+        providers.append("CUDAExecutionProvider")
+    return [*providers, "CPUExecutionProvider"]
+
+
 class OnnxRunner:
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, runtime: str = "onnxruntime") -> None:
         ort = require_module("onnxruntime", install="onnxruntime", purpose="running an .onnx artifact")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=onnx_providers(runtime, ort.get_available_providers()))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             raise InputError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}",
                              hint="the file is truncated or corrupt; compile the target again") from None
+        self.executed_by = f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}"
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = None if not isinstance(inp.shape[0], int) else inp.shape[0]
@@ -36,8 +50,10 @@ class LiteRTRunner:
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         mod = litert_interpreter_module()
+        delegates = [edgetpu_delegate(mod, path)] if path.name.endswith("_edgetpu.tflite") else []
+        self.executed_by = f"{mod.__name__.split('.')[0]}{' + Edge TPU delegate' if delegates else ''}"
         try:
-            self.interp = mod.Interpreter(model_path=str(path), num_threads=threads)
+            self.interp = mod.Interpreter(model_path=str(path), num_threads=threads, experimental_delegates=delegates or None)
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"LiteRT cannot load {path}: {str(exc).splitlines()[0][:200]}",
@@ -62,6 +78,25 @@ class LiteRTRunner:
         return np.concatenate(rows)
 
 
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+
+
+def edgetpu_delegate(mod, path: Path):
+    """The Edge TPU delegate an ``*_edgetpu.tflite`` program needs (its custom op runs nowhere else)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(EDGETPU_LIBRARY)  # first: a failed load_delegate leaves a half-made Delegate that errors when collected
+        return mod.load_delegate(EDGETPU_LIBRARY)
+    except (ValueError, OSError, RuntimeError, AttributeError) as exc:
+        from ..errors import MissingToolchain
+
+        raise MissingToolchain(
+            f"{path.name} is compiled for the Edge TPU and needs {EDGETPU_LIBRARY} and a Coral device ({exc})",
+            hint="install libedgetpu1-std from Coral's Debian repository and plug in the device, or verify the "
+                 "model.int8.tflite beside it on the CPU") from None
+
+
 class ExecuTorchRunner:
     """ExecuTorch's Python runtime (it imports torch: .pte verification needs torch installed)."""
 
@@ -75,6 +110,7 @@ class ExecuTorchRunner:
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"ExecuTorch cannot load {path}: {str(exc).splitlines()[0][:200]}",
                              hint="the file is truncated or corrupt; compile the target again") from None
+        self.executed_by = "executorch (XNNPACK, portable kernels)"
         meta = str(getattr(self.method, "metadata", ""))  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, ...
         self.batch = 1 if "sizes=[1," in meta else None
 
@@ -89,7 +125,7 @@ class ExecuTorchRunner:
 
 def open_runner(path: Path, runtime: str, threads: int | None = None):
     if runtime in ("onnxruntime", "tensorrt") and path.suffix == ".onnx":
-        return OnnxRunner(path, threads)
+        return OnnxRunner(path, threads, runtime)
     if runtime == "litert":
         return LiteRTRunner(path, threads)
     if runtime == "executorch":

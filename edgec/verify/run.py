@@ -107,6 +107,7 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
                     zero_shot_predictions(golden.image_embeddings, golden.text_embeddings))
         gate_results = check_gates(metrics, exprs)
         results.append({"artifact": art["path"], "precision": art.get("precision"), "runtime": art["runtime"],
+                        "executed_by": getattr(runner, "executed_by", art["runtime"]),
                         "metrics": metrics, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
                         "seconds": round(seconds, 2), "per_image": per_image(emb, golden)})
     logits = None

@@ -39,3 +39,45 @@ def test_truncated_pte_is_an_input_error(tiny_pte, tmp_path):
     bad.write_bytes(path.read_bytes()[:200])
     with pytest.raises(InputError, match="ExecuTorch cannot load"):
         open_runner(bad, "executorch")
+
+
+def test_tensorrt_artifacts_ask_for_tensorrt_then_cuda_then_cpu():
+    from edgec.runtime.runners import onnx_providers
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = onnx_providers("tensorrt", gpu)
+    assert providers[0][0] == "TensorrtExecutionProvider" and providers[0][1]["trt_int8_enable"] is True
+    assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("tensorrt", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnx_providers("onnxruntime", gpu) == ["CPUExecutionProvider"]  # the cpu target is verified on the CPU
+
+
+def test_onnx_runner_says_what_executed_it(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    runner = open_runner(path, "tensorrt")
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    np.testing.assert_array_equal(runner(x), [[0, 2, 0, 4]])
+    assert runner.executed_by.startswith("onnxruntime ") and runner.executed_by.endswith("ExecutionProvider")
+
+
+def test_edge_tpu_program_without_libedgetpu_is_a_missing_toolchain(tmp_path):
+    from edgec.errors import MissingToolchain
+    import ctypes
+
+    try:
+        ctypes.CDLL("libedgetpu.so.1")
+        pytest.skip("libedgetpu is installed here")
+    except OSError:
+        pass
+    path = tmp_path / "model.int8_edgetpu.tflite"
+    path.write_bytes(b"\0" * 64)
+    with pytest.raises(MissingToolchain, match="libedgetpu") as exc:
+        open_runner(path, "litert")
+    assert exc.value.exit_code == 3 and "libedgetpu1-std" in exc.value.hint
