@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("executorch")
 
-from edgec import registry  # noqa: E402
-from edgec.backends.executorch import _variant  # noqa: E402
-from edgec.compile import _place_variants  # noqa: E402
-from edgec.errors import InputError  # noqa: E402
-from edgec.manifest import sha256_file, validate_manifest  # noqa: E402
+from edgec import registry
+from edgec.backends.executorch import _variant
+from edgec.compile import _place_variants
+from edgec.errors import InputError
+from edgec.manifest import sha256_file, validate_manifest
 
 
 def _encoder():

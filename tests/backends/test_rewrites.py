@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from edgec.backends.rewrites import BmmAttention, LinearLayerNorm, xnnpack_friendly  # noqa: E402
+from edgec.backends.rewrites import BmmAttention, LinearLayerNorm, xnnpack_friendly
 
 
 def _blocks(seed: int = 0):

@@ -68,8 +68,9 @@ def test_onnx_runner_says_what_executed_it(tmp_path):
 
 
 def test_edge_tpu_program_without_libedgetpu_is_a_missing_toolchain(tmp_path):
-    from edgec.errors import MissingToolchain
     import ctypes
+
+    from edgec.errors import MissingToolchain
 
     try:
         ctypes.CDLL("libedgetpu.so.1")
