@@ -28,7 +28,8 @@ def _compile(config: Path, *args: str):
 def towers(tmp_path_factory, shapes_data):
     """The example teacher (edgec kind) compiled for cpu with both towers and the zero-shot variant."""
     root = tmp_path_factory.mktemp("towers")
-    config = write_project(root, shapes_data)
+    # a text gate in the config: the image candidates are chosen on the image gates, verify checks all
+    config = write_project(root, shapes_data, extra='[gates]\ncpu = ["agreement>=0.97", "text_cosine_mean>=0.999"]\n')
     assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
     result = _compile(config, "--target", "cpu", "--towers", "image,text", "--head", "zero-shot")
     return config, root / "build", result.output
@@ -86,6 +87,7 @@ def test_verify_reports_text_cosine_and_logits_agreement(towers):
     # the logits artifact decides as the image embeddings with the head files do (same graph up to the head)
     assert m["logits_agreement"] == 1.0 and m["logits_teacher_agreement"] == m["agreement"]
     assert any(g["gate"] == "logits_agreement>=1" and g["passed"] for g in row["gates"])
+    assert any(g["gate"] == "text_cosine_mean>=0.999" and g["passed"] for g in row["gates"])  # from [gates] cpu
     gated = runner.invoke(app, ["verify", str(build / "cpu"), "--gate", "text_cosine_p1>=1.01"])
     assert gated.exit_code == 1 and "text_cosine_p1" in gated.stderr
     ok = runner.invoke(app, ["verify", str(build / "cpu"), "--gate", "text_cosine_mean>=0.999", "--gate", "artifacts_agreement>=0.97"])
