@@ -90,3 +90,42 @@ def test_op_report_records_the_layer_of_each_op(torch, tmp_path):
     conv = next(o for o in ops if o["op"] == "CONV_2D")
     assert conv["layer"] in ("0", "1") and conv["float"] is True  # conv + fused ReLU
     assert json.dumps(ops)  # the records stay JSON for the manifest
+
+
+def test_edgetpu_float_op_error_names_the_op_and_layer(torch, tmp_path):
+    """ai-edge-quantizer leaves SIN in float: the fully integer Edge TPU build fails naming it and its layer."""
+    import numpy as np
+
+    from edgec import registry
+    from edgec.backends.litert import build
+    from edgec.errors import EXIT_BAD_INPUT, InputError
+
+    class Wave(torch.nn.Module):
+        def forward(self, x):
+            return torch.sin(x)
+
+    enc = torch.nn.Sequential()
+    enc.add_module("stem", torch.nn.Conv2d(3, 8, 3, padding=1))
+    enc.add_module("wave", Wave())
+    enc.add_module("pool", torch.nn.AdaptiveAvgPool2d(1))
+    enc.add_module("flat", torch.nn.Flatten())
+    enc.add_module("head", torch.nn.Linear(8, 4))
+
+    class Calibration:
+        sha256 = "test"
+
+        def __len__(self):
+            return 8
+
+        def batches(self, layout, batch_size):
+            rng = np.random.default_rng(0)
+            for _ in range(8):
+                yield rng.standard_normal((1, 16, 16, 3)).astype(np.float32)
+
+    spec = registry.get("targets", "edgetpu").spec
+    with pytest.raises(InputError) as info:
+        build(enc.eval(), (1, 16, 16, 3), spec=spec, work=tmp_path, calibration=Calibration, method="minmax",
+              percentile=99.9, trt_version=0, log=lambda _: None)
+    assert info.value.exit_code == EXIT_BAD_INPUT
+    assert "float ops remain in the int8 model (SIN); the first, #" in str(info.value)
+    assert "SIN, is in layer wave" in str(info.value) and "mobilenetv4_conv_small" in info.value.hint
