@@ -126,6 +126,34 @@ def test_verify_of_both_towers_needs_no_torch(towers):
     assert "text_cosine_mean 1.0000" in proc.stdout
 
 
+def test_bench_times_only_the_image_model(towers):
+    _, build, _ = towers
+    result = runner.invoke(app, ["bench", str(build / "cpu"), "--runs", "2", "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["artifact"] for r in json.loads(result.stdout)["results"]] == [
+        json.loads((build / "cpu" / "manifest.json").read_text())["artifacts"][0]["path"]]
+
+
+def test_folded_onnx_head_normalises_and_adds_the_bias(tmp_path, torch):
+    """The LpNormalization + bias branch (a graph whose output is not normalised, a SigLIP-style bias)."""
+    import onnxruntime as ort
+
+    from edgec.compile import _fold_head_onnx
+
+    lin = torch.nn.Linear(6, 5).eval()
+    torch.onnx.export(lin, (torch.zeros(1, 6),), str(tmp_path / "m.onnx"), input_names=["pixels"],
+                      output_names=["embedding"], opset_version=17, dynamo=False,
+                      dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+    text = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    _fold_head_onnx(tmp_path / "m.onnx", tmp_path / "z.onnx", text, 10.0, -2.5, normalize=True)
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "z.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+    with torch.no_grad():
+        emb = lin(torch.from_numpy(x)).numpy()
+    want = 10.0 * (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ text.T - 2.5
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_default_compile_keeps_one_artifact_and_its_cache_key(towers):
     """Without --towers/--head the folder is the image model alone; switching back rebuilds it."""
     config, build, _ = towers
