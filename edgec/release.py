@@ -40,6 +40,7 @@ VERIFY_JSON = "verify.json"
 TOOL_PACKAGES = ("numpy", "torch", "timm", "onnx", "onnxruntime", "litert-torch", "ai-edge-quantizer", "ai-edge-litert",
                  "executorch", "torchao")
 RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert", "executorch")
+NOT_VERIFY_INPUTS = ("manifest.json", VERIFY_JSON, "bench.json")  # written into a target folder after compile
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
 def _verify_key(folder: Path, manifest: dict, golden_meta: dict, gates: list[str]) -> str:
     """What a verification depends on: every file of the target folder (artifacts, head and tokenizer
     files) and what the manifest says about them, the golden set, the gates, the runtimes' versions."""
-    files = [(f["path"], f["sha256"]) for f in _files(folder) if f["path"] not in ("manifest.json", VERIFY_JSON)]
+    files = [(f["path"], f["sha256"]) for f in _files(folder) if f["path"] not in NOT_VERIFY_INPUTS]
     described = {k: manifest.get(k) for k in ("artifacts", "inputs", "outputs", "head", "towers")}
     return _hash({"files": files, "manifest": described, "golden": golden_meta.get("npz_sha256"), "gates": gates,
                   "versions": package_versions(*RUNTIME_PACKAGES)})
