@@ -1,7 +1,8 @@
 """int8 Q/DQ ONNX in the form TensorRT's explicit quantization accepts (onnxruntime runs it too).
 
 ``quant_pre_process`` first; per-channel symmetric int8 weights; symmetric int8 activations
-with ranges from :mod:`edgec.quantize.ranges`; only Conv / MatMul / Gemm quantized by default
+with ranges from :mod:`edgec.quantize.ranges` (measured once per model,
+so sensitivity and fallback can quantize it many times); only Conv / MatMul / Gemm quantized by default
 (fewer Q/DQ pairs, and the best cosine in the exploratory runs). The same ranges give the
 TensorRT calibration cache.
 """
@@ -40,29 +41,28 @@ def _float_tensors(model) -> list[str]:
     return [n for n in dict.fromkeys(names) if n not in inits]
 
 
-def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
-                  op_types: tuple[str, ...] = DEFAULT_OP_TYPES, exclude_nodes: tuple[str, ...] = (),
-                  batch_size: int = 16, trt_version: int = 100300) -> QuantizedOnnx:
-    onnx = require_module("onnx", install="onnx", purpose="ONNX quantization")
-    ort = require_module("onnxruntime", install="onnxruntime", purpose="ONNX quantization")
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+class QdqQuantizer:
+    """One fp32 ONNX model, its activation ranges measured once; :meth:`quantize` then writes Q/DQ
+    models with any set of nodes kept in float (sensitivity and fallback quantize many times)."""
 
-    with tempfile.TemporaryDirectory(prefix="edgec-qdq-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        model = onnx.load(str(pre))
-        names = _float_tensors(model)
-        augmented = onnx.load(str(pre))
-        existing = {o.name for o in augmented.graph.output}
-        for name in names:
-            if name not in existing:
-                augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        aug_path = Path(tmp) / "augmented.onnx"
-        onnx.save(augmented, str(aug_path))
-        sess = ort.InferenceSession(str(aug_path), providers=["CPUExecutionProvider"])
+    def __init__(self, fp32: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
+                 op_types: tuple[str, ...] = DEFAULT_OP_TYPES, batch_size: int = 16, trt_version: int = 100300) -> None:
+        onnx = require_module("onnx", install="onnx", purpose="ONNX quantization")
+        ort = require_module("onnxruntime", install="onnxruntime", purpose="ONNX quantization")
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        self.fp32, self.op_types, self.trt_version = Path(fp32), tuple(op_types), trt_version
+        with tempfile.TemporaryDirectory(prefix="edgec-qdq-") as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            self.model_bytes = pre.read_bytes()
+            model = onnx.load_from_string(self.model_bytes)
+            augmented = onnx.load_from_string(self.model_bytes)
+            existing = {o.name for o in augmented.graph.output}
+            for name in _float_tensors(model):
+                if name not in existing:
+                    augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            sess = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs = [o.name for o in sess.get_outputs()]
         input_name = sess.get_inputs()[0].name
         fixed = sess.get_inputs()[0].shape[0]
@@ -72,17 +72,46 @@ def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str =
         def run_all(batch: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(outputs, sess.run(outputs, {input_name: batch})))
 
-        collector = collect_ranges(run_all, lambda: calib.batches(batch_size=batch_size))
-        amax = collector.amax(method, percentile)
-        data = {n: TensorData(lowest=np.float32(-a), highest=np.float32(a)) for n, a in amax.items()}
+        self.collector = collect_ranges(run_all, lambda: calib.batches(batch_size=batch_size))
+        self.amax = self.collector.amax(method, percentile)
+        # quantizable nodes in execution order, with their weight sizes (what keeping them in float costs)
+        inits = {i.name: i for i in model.graph.initializer}
+        self.layers: list[dict] = []
+        for node in model.graph.node:
+            if node.op_type in self.op_types:
+                params = sum(int(np.prod(inits[i].dims)) for i in node.input if i in inits)
+                self.layers.append({"name": node.name, "op": node.op_type, "params": params})
+
+    def quantize(self, out: Path, *, exclude_nodes: tuple[str, ...] | frozenset[str] = (),
+                 only: tuple[str, ...] | frozenset[str] | None = None) -> QuantizedOnnx:
+        """Write the Q/DQ model to ``out``; ``exclude_nodes`` stay float, or with ``only`` just those are int8."""
+        import onnx
+        from onnxruntime.quantization import QuantType
+        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+        names = [la["name"] for la in self.layers]
+        if only is not None:
+            exclude_nodes = tuple(n for n in names if n not in set(only))
+        model = onnx.load_from_string(self.model_bytes)
+        data = {n: TensorData(lowest=np.float32(-a), highest=np.float32(a)) for n, a in self.amax.items()}
         quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8,
                                  TensorsData(CalibrationMethod.MinMax, data), None, list(exclude_nodes) or None,
-                                 list(op_types), {"ActivationSymmetric": True, "WeightSymmetric": True})
+                                 list(self.op_types), {"ActivationSymmetric": True, "WeightSymmetric": True})
         quantizer.quantize_model()
         quantizer.model.save_model_to_file(str(out), False)
-    q = onnx.load(str(out))
-    ops = [n.op_type for n in q.graph.node]
-    n_quant = sum(1 for n in model.graph.node if n.op_type in op_types and n.name not in exclude_nodes)
-    if "QuantizeLinear" not in ops:
-        raise InputError(f"quantization of {fp32.name} produced no Q/DQ nodes", hint="the model has no Conv/MatMul/Gemm to quantize")
-    return QuantizedOnnx(out, amax, tensorrt_cache(amax, trt_version=trt_version), n_quant, ops.count("QuantizeLinear"))
+        q = onnx.load(str(out))
+        ops = [n.op_type for n in q.graph.node]
+        if "QuantizeLinear" not in ops:
+            raise InputError(f"quantization of {self.fp32.name} produced no Q/DQ nodes",
+                             hint="the model has no Conv/MatMul/Gemm to quantize, or every one is kept in float")
+        n_quant = sum(1 for n in names if n not in set(exclude_nodes))
+        return QuantizedOnnx(Path(out), self.amax, tensorrt_cache(self.amax, trt_version=self.trt_version), n_quant,
+                             ops.count("QuantizeLinear"))
+
+
+def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
+                  op_types: tuple[str, ...] = DEFAULT_OP_TYPES, exclude_nodes: tuple[str, ...] = (),
+                  batch_size: int = 16, trt_version: int = 100300) -> QuantizedOnnx:
+    return QdqQuantizer(fp32, calib, method=method, percentile=percentile, op_types=op_types, batch_size=batch_size,
+                        trt_version=trt_version).quantize(out, exclude_nodes=exclude_nodes)

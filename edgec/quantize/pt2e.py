@@ -1,0 +1,232 @@
+"""PT2E int8 for ExecuTorch (XNNPACK): one exported graph, quantized as often as sensitivity and
+fallback need, with any set of modules kept in float.
+
+``torch.export`` once; each program is ``prepare_pt2e`` with an ``XNNPACKQuantizer`` (per-channel
+symmetric weights, static int8 activations; a module kept in float gets the config ``None``),
+calibration, ``convert_pt2e``. Ranking runs the converted GraphModule in torch; the shipped
+program is lowered to a ``.pte`` and measured in the ExecuTorch runtime.
+
+Activation ranges: ``histogram`` is torch's ``HistogramObserver`` (XNNPACK's default, it minimises
+the L2 quantization error); ``minmax`` / ``percentile`` / ``entropy`` are edgec's own
+(:mod:`edgec.quantize.ranges`) through :class:`RangeObserver`, so every backend offers the same methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError, require_module
+from torchao.quantization.pt2e.observer import MinMaxObserver
+
+from .ranges import entropy_amax, percentile_amax
+
+METHODS = ("minmax", "percentile", "entropy", "histogram")
+
+
+class RangeObserver(MinMaxObserver):
+    """Two calibration passes like :func:`edgec.quantize.ranges.collect_ranges`: the min/max of
+    every activation, then a histogram of |x| over [0, max|x|]; the range comes from the histogram."""
+
+    def __init__(self, *args, method: str = "minmax", percentile: float = 99.999, bins: int = 2048, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.method, self.percentile, self.bins, self.phase = method, percentile, bins, "max"
+        self.hist: torch.Tensor | None = None
+
+    def forward(self, x_orig):
+        if self.phase == "max" or x_orig.numel() == 0:
+            return super().forward(x_orig)
+        top = float(torch.maximum(self.min_val.abs(), self.max_val.abs()))
+        if top > 0:
+            h = torch.histc(x_orig.detach().abs().float(), bins=self.bins, min=0.0, max=top)
+            self.hist = h if self.hist is None else self.hist + h
+        return x_orig
+
+    def calculate_qparams(self):
+        top = float(torch.maximum(self.min_val.abs(), self.max_val.abs()))
+        if self.method == "minmax" or self.hist is None or top <= 0:
+            return super().calculate_qparams()
+        hist = self.hist.numpy().astype(np.float64)
+        amax = percentile_amax(hist, top, self.percentile) if self.method == "percentile" else entropy_amax(hist, top)
+        return self._calculate_qparams(torch.clamp(self.min_val, min=-amax), torch.clamp(self.max_val, max=amax))
+
+
+def quantization_config(method: str = "histogram", percentile: float = 99.999, *, per_channel: bool = True):
+    """XNNPACK's symmetric config (per-channel weights by default) with the activation observer for ``method``."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r} for ExecuTorch", hint=f"one of {', '.join(METHODS)}")
+    config = get_symmetric_quantization_config(is_per_channel=per_channel)
+    if method == "histogram":
+        return config
+    ctr = RangeObserver.with_args(eps=2**-12, method=method, percentile=percentile)
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=ctr)
+    return dataclasses.replace(config, input_activation=act, output_activation=act)
+
+
+def check_observers(prepared: torch.nn.Module) -> None:
+    """A non-finite activation range is a user-facing error naming the observer."""
+    for name, m in prepared.named_modules():
+        lo, hi = getattr(m, "min_val", None), getattr(m, "max_val", None)
+        if isinstance(lo, torch.Tensor) and lo.numel() and not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            if torch.isinf(lo).all() and torch.isinf(hi).all() and (lo > 0).all():
+                continue  # never observed (an unused branch): min=+inf, max=-inf
+            raise InputError(f"calibration produced a non-finite activation range at {name} (min {lo.min().item()}, "
+                             f"max {hi.max().item()})",
+                             hint="check the calibration images and the model (NaN/inf weights?)")
+
+
+def calibrate(prepared: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Observe every batch (twice when edgec's range observers need their histogram pass)."""
+    observers = [m for m in prepared.modules() if isinstance(m, RangeObserver)]
+    for m in observers:
+        m.phase = "max"
+    with torch.no_grad():
+        for b in batches:
+            prepared(b)
+    check_observers(prepared)
+    if any(m.method != "minmax" for m in observers):
+        for m in observers:
+            m.phase = "hist"
+        with torch.no_grad():
+            for b in batches:
+                prepared(b)
+
+
+LAYER_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.linear.default")
+
+
+def layer_name(node) -> str | None:
+    """The module path of a conv/linear node (its innermost ``nn_module_stack`` entry), else None."""
+    if node.op != "call_function" or str(node.target) not in LAYER_OPS:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L__self__."):
+        path = path.removeprefix(prefix)
+    return path
+
+
+def _base_quantizer():
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    return Quantizer
+
+
+class LayerSelectiveQuantizer(_base_quantizer()):
+    """XNNPACK's annotations, then per layer (a conv/linear node): ``keep_float`` layers lose their input
+    annotations and their activation producer its output one (activation and weight stay float, the layer
+    computes in float), and with ``only`` every
+    annotation is dropped except the inputs of those layers (just that layer computes in int8).
+
+    Module-name configs cannot do this: XNNPACK annotates fused partitions (conv + bn + relu) only when
+    every node lies in the named module, and timm puts the norm and activation in sibling modules."""
+
+    def __init__(self, inner, *, keep_float: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> None:
+        super().__init__()
+        self.inner, self.keep_float, self.only = inner, keep_float, only
+
+    def transform_for_annotation(self, model):
+        return self.inner.transform_for_annotation(model)
+
+    def annotate(self, model):
+        model = self.inner.annotate(model) or model
+        key = "quantization_annotation"
+        for node in list(model.graph.nodes):
+            ann = node.meta.get(key)
+            if ann is None:
+                continue
+            layer = layer_name(node)
+            if self.only is not None:
+                if layer in self.only:
+                    ann.output_qspec = None
+                else:
+                    del node.meta[key]
+            elif layer in self.keep_float:
+                # the activation input stays float: the layer's own input spec, and the producer's output spec
+                # (PT2E shares one quantized tensor between a producer's output and its consumers' inputs;
+                # other int8 consumers keep their own input observers)
+                activation = node.args[0] if node.args else None
+                ann.input_qspec_map = {}
+                producer = activation.meta.get(key) if hasattr(activation, "meta") else None
+                if producer is not None:
+                    producer.output_qspec = None
+        return model
+
+    def validate(self, model) -> None:
+        self.inner.validate(model)
+
+
+class Pt2eProgram:
+    """The float model exported once; :meth:`convert` gives a PT2E int8 GraphModule with chosen
+    modules kept in float, :meth:`lower` writes it as an XNNPACK ``.pte``."""
+
+    def __init__(self, model: torch.nn.Module, shape: tuple[int, ...], calibration: list[np.ndarray], *,
+                 method: str = "histogram", percentile: float = 99.999, per_channel: bool = True) -> None:
+        require_module("executorch", install="executorch", purpose="ExecuTorch int8")
+        self.model = model.eval()
+        self.example = (torch.zeros(*shape),)
+        self.config = quantization_config(method, percentile, per_channel=per_channel)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.graph = torch.export.export(self.model, self.example).module()
+        self.batches = [torch.from_numpy(np.ascontiguousarray(b[None])) for b in calibration]
+        modules = dict(self.model.named_modules())
+        self.layers = []
+        for node in self.graph.graph.nodes:
+            name = layer_name(node)
+            if name is not None and name in modules and name not in {la["name"] for la in self.layers}:
+                m = modules[name]
+                self.layers.append({"name": name, "op": type(m).__name__,
+                                    "params": sum(p.numel() for p in m.parameters(recurse=False))})
+
+    def quantizer(self, keep_float=frozenset(), only=None):
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+        return LayerSelectiveQuantizer(XNNPACKQuantizer().set_global(self.config), keep_float=frozenset(keep_float),
+                                       only=None if only is None else frozenset(only))
+
+    def convert(self, keep_float=frozenset(), only=None, batches: list[torch.Tensor] | None = None):
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_pt2e(copy.deepcopy(self.graph), self.quantizer(keep_float, only))
+            calibrate(prepared, self.batches if batches is None else batches)
+            return convert_pt2e(prepared)
+
+    def runner(self, keep_float=frozenset(), only=None, batches=None):
+        gm = self.convert(keep_float, only, batches)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return np.concatenate([gm(torch.from_numpy(np.ascontiguousarray(x[i : i + 1]))).numpy()
+                                       for i in range(len(x))]).astype(np.float32)
+
+        return run
+
+    def lower(self, out: Path, keep_float=frozenset()) -> dict:
+        """Write the int8 ``.pte`` (XNNPACK delegate); returns the delegation report."""
+        from ..backends.executorch import _lower
+
+        converted = self.convert(keep_float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(converted, self.example)
+        return _lower(ep, Path(out))
+
+    def lower_float(self, out: Path) -> dict:
+        from ..backends.executorch import _lower
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(self.model, self.example)
+        return _lower(ep, Path(out))
