@@ -38,7 +38,7 @@ RELEASE_JUNIT = "release.junit.xml"
 RELEASE_MD = "release.md"
 VERIFY_JSON = "verify.json"
 TOOL_PACKAGES = ("numpy", "torch", "timm", "onnx", "onnxruntime", "litert-torch", "ai-edge-quantizer", "ai-edge-litert",
-                 "executorch", "torchao")
+                 "executorch", "torchao", "coremltools")
 RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert", "executorch")
 NOT_VERIFY_INPUTS = ("manifest.json", VERIFY_JSON, "bench.json")  # written into a target folder after compile
 
@@ -245,6 +245,7 @@ def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stag
     manifest = read_manifest(folder)
     rec["artifacts"] = [{k: a.get(k) for k in ("path", "sha256", "bytes", "format", "runtime", "precision")}
                         for a in manifest["artifacts"]]
+    rec["variants"] = manifest.get("variants")  # e.g. ios: a Core ML .pte beside the verified one
     rec["files"] = _files(folder)
     rec["sources"] = manifest.get("sources")
     rec["versions"] = manifest.get("versions")
