@@ -391,7 +391,7 @@ def release_cmd(
     if not result.passed:
         failed = [f"{t}: {f}" for t, rec in result.manifest["targets"].items() for f in rec["failures"]]
         err.print(f"error: release failed: {'; '.join(failed)} (details in {result.paths['markdown']})", markup=False)
-        raise typer.Exit(1)
+        raise typer.Exit(result.exit_code)  # 1 a gate failed; 2 or 3 when a target stopped on bad input or a missing toolchain
 
 
 @_command("verify")

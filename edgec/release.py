@@ -29,7 +29,7 @@ from xml.sax.saxutils import escape
 
 from . import registry
 from .config import EdgecConfig, load_config
-from .errors import GateFailed, InputError
+from .errors import EXIT_GATE_FAILED, EdgecError, GateFailed, InputError
 from .manifest import atomic_write_json, atomic_write_text, package_versions, sha256_file, sha256_path
 
 SCHEMA = 1
@@ -62,6 +62,10 @@ class ReleaseOutputs:
     def passed(self) -> bool:
         return bool(self.manifest["passed"])
 
+    @property
+    def exit_code(self) -> int:
+        return int(self.manifest["exit_code"])
+
 
 @dataclass
 class _Stage:
@@ -72,14 +76,20 @@ class _Stage:
     seconds: float
     out: str | None = None
     error: str | None = None
+    exit_code: int | None = None  # of a failed stage: 1 a gate, 2 bad input, 3 a missing toolchain
     extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         d = {"stage": self.stage, "name": self.name, "status": self.status, "key": self.key,
              "seconds": round(self.seconds, 2), "out": self.out}
         if self.error:
-            d["error"] = self.error
+            d.update(error=self.error, exit_code=self.exit_code)
         return d
+
+    @classmethod
+    def failed(cls, stage: str, name: str, t0: float, out: Path, exc: EdgecError, log) -> _Stage:
+        log(f"{name}: {stage} FAILED: {exc}")
+        return cls(stage, name, None, "failed", time.time() - t0, str(out), error=str(exc), exit_code=exc.exit_code)
 
 
 def _hash(obj) -> str:
@@ -239,8 +249,10 @@ def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stag
     from .manifest import read_manifest
 
     rec: dict = {"path": str(folder), "compile": compile_stage.record(), "verify": verify_stage.record() if verify_stage else None}
-    if compile_stage.status == "failed":
-        rec.update(passed=False, failures=[compile_stage.error], artifacts=[], files=[], gates=[], metrics={})
+    broken = next((s for s in (compile_stage, verify_stage) if s is not None and s.status == "failed"), None)
+    if broken is not None:
+        rec.update(passed=False, exit_code=broken.exit_code, failures=[f"{broken.stage}: {broken.error}"], artifacts=[],
+                   files=[], gates=[], metrics={})
         return rec
     manifest = read_manifest(folder)
     rec["artifacts"] = [{k: a.get(k) for k in ("path", "sha256", "bytes", "format", "runtime", "precision")}
@@ -253,6 +265,7 @@ def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stag
     rec["metrics"] = {r["artifact"]: r["metrics"] for r in report["results"]}
     rec["gates"] = [dict(g, artifact=r["artifact"]) for r in report["results"] for g in r["gates"]]
     rec["passed"] = bool(report["passed"])
+    rec["exit_code"] = 0 if rec["passed"] else EXIT_GATE_FAILED
     rec["failures"] = [f"{g['artifact']}: {g['gate']} ({g['metric']} = {g['value']})" for g in rec["gates"] if not g["passed"]]
     return rec
 
@@ -262,11 +275,14 @@ def to_junit(release: dict) -> str:
     for target, rec in release["targets"].items():
         cases, failures = [], 0
         t = (rec.get("verify") or {}).get("seconds", 0)
-        if rec["compile"]["status"] == "failed":
-            failures += 1
-            cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{escape(target)}: compile" '
-                         f'time="{rec["compile"]["seconds"]}"><failure message="{escape(rec["compile"]["error"] or "", {chr(34): "&quot;"})}"/>'
-                         f'</testcase>')
+        for stage in ("compile", "verify"):
+            st = rec.get(stage)
+            if st and st["status"] == "failed":  # a gate decided it (failure) or an error stopped it (error)
+                failures += 1
+                kind = "failure" if st.get("exit_code") == EXIT_GATE_FAILED else "error"
+                msg = escape(st.get("error") or "", {'"': "&quot;"})
+                cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{escape(target)}: {stage}" '
+                             f'time="{st["seconds"]}"><{kind} message="{msg}"/></testcase>')
         for g in rec.get("gates", []):
             name = escape(f"{target}/{g['artifact']}: {g['gate']}", {'"': "&quot;"})
             if g["passed"]:
@@ -356,14 +372,17 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
                                           student_dir=students[name].student)
                 cstage = _Stage("compile", t, res.manifest["build"].get("cache_key"), "cached" if res.cached else "ran",
                                 time.time() - t1, str(res.out))
-            except GateFailed as exc:
-                log(f"{t}: FAILED: {exc.message}")
-                cstage = _Stage("compile", t, None, "failed", time.time() - t1, str(folder), error=exc.message)
+            except EdgecError as exc:  # recorded; the other targets still run and release.json is still written
+                cstage = _Stage.failed("compile", t, t1, folder, exc, log)
             stages.append(cstage)
             vstage = report = None
             if cstage.status != "failed":
                 gates = cfg.gates_for(t, list(registry.get("targets", t).spec.gates))
-                vstage, report = _verify_stage(t, folder, build / "golden", golden.extra["meta"], gates, log)
+                t2 = time.time()
+                try:
+                    vstage, report = _verify_stage(t, folder, build / "golden", golden.extra["meta"], gates, log)
+                except EdgecError as exc:  # e.g. the artifact's runtime is not installed here
+                    vstage = _Stage.failed("verify", t, t2, folder / VERIFY_JSON, exc, log)
                 stages.append(vstage)
             records[t] = _target_record(t, folder, cstage, vstage, report)
 
@@ -373,6 +392,8 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
         release = {
             "schema": SCHEMA,
             "passed": all(r["passed"] for r in records.values()),
+            # the first failed target's code: 1 a gate, 2 bad input, 3 a missing toolchain
+            "exit_code": next((r["exit_code"] for r in records.values() if not r["passed"]), 0),
             "started": started,
             "seconds": round(time.time() - t0, 2),
             "config": str(config_path.resolve()),

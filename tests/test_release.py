@@ -175,6 +175,30 @@ def test_changed_gate_reruns_only_verify_and_a_failing_gate_exits_1(built, tmp_p
     assert snapshot(build / "cpu")[art] == model[art]  # the last good artifact stays
 
 
+def test_a_target_stopped_by_a_missing_toolchain_is_recorded_and_sets_the_exit_code(built, monkeypatch):
+    import edgec.compile
+    from edgec.errors import MissingToolchain
+
+    config, build = built
+    real = edgec.compile.compile_from_config
+
+    def without_tensorrt(cfg, target, **kwargs):
+        if target == "jetson":
+            raise MissingToolchain("jetson needs a tool that is not installed", hint="install it")
+        return real(cfg, target, **kwargs)
+
+    monkeypatch.setattr(edgec.compile, "compile_from_config", without_tensorrt)
+    result = release(config, "--targets", "cpu,jetson")
+    assert result.exit_code == 3, result.output  # the other target still ran and the records are written
+    rel = json.loads((build / "release.json").read_text())
+    assert rel["exit_code"] == 3 and rel["targets"]["cpu"]["passed"] and not rel["targets"]["jetson"]["passed"]
+    assert rel["targets"]["jetson"]["failures"] == ["compile: jetson needs a tool that is not installed (install it)"]
+    assert "jetson: compile FAILED" in result.stdout and "release failed: jetson:" in result.stderr
+    junit = ET.parse(build / "release.junit.xml").getroot()
+    assert junit.find("testsuite[@name='edgec release jetson']/testcase/error") is not None
+    assert release(config).exit_code == 0  # back to [targets] build
+
+
 HOLD = "import sys, time\nfrom edgec.lock import build_lock\nwith build_lock(sys.argv[1], 'test holder'):\n" \
        "    print('locked', flush=True)\n    time.sleep(float(sys.argv[2]))\n"
 
