@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 EXAMPLE := examples/shapes-clip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench teacher clean
+.PHONY: install demo test bench bench-quantize teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(STAMP)
 	cd $(EXAMPLE) && for t in $(BENCH_TARGETS); do ../../$(BIN)/edgec verify build/$$t || exit 1; done
 	cd $(EXAMPLE) && for t in $(BENCH_TARGETS); do ../../$(BIN)/edgec bench build/$$t --runs 100 --warmup 20 --teacher edgec.toml || exit 1; done
 	cd $(EXAMPLE) && ../../$(BIN)/edgec report $(addprefix build/,$(BENCH_TARGETS)) --html build/report.html --benchmarks ../../BENCHMARKS.md
+
+# Each backend's default int8 flow vs edgec's (every calibration method), same student and calibration
+# images, each artifact run in its runtime; replaces the quantization section of BENCHMARKS.md (make bench keeps it).
+bench-quantize: $(STAMP)
+	$(BIN)/python $(EXAMPLE)/make_data.py
+	cd $(EXAMPLE) && ../../$(BIN)/edgec quantize --compare --no-progress --benchmarks ../../BENCHMARKS.md
 
 # Rebuild the example teacher from scratch (data + training); see examples/shapes-clip/README.md.
 teacher: $(STAMP)

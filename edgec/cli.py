@@ -349,6 +349,56 @@ def _compile_summary(results: dict, as_json: bool) -> None:
         raise exc
 
 
+@_command("quantize")
+def quantize_cmd(
+    config: ConfigOpt = None,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="onnx, litert, executorch or all.")] = "all",
+    method: Annotated[Optional[str], typer.Option("--method", help="Calibration method: minmax, percentile, entropy "
+                                                  "(executorch also histogram); default: the best measured per backend.")] = None,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Keep the most sensitive layers in float until "
+                                                       "1 - cosine vs float and the agreement lost vs float are both <= T "
+                                                       "(default: [quantize] tolerance).")] = None,
+    max_fallback: Annotated[int, typer.Option("--max-fallback", help="At most this many float layers.")] = 16,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity/--no-sensitivity", help="Rank every layer (one program per layer).")] = True,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/quantize).")] = None,
+    no_distill: Annotated[bool, typer.Option("--no-distill", help="Quantize the teacher's image tower as it is.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Instead: each backend's default flow vs edgec's, every "
+                                                            "calibration method, one table (<out>/compare.md).")] = False,
+    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", help="With --compare: also put the table in this "
+                                                       "Markdown file's quantization section.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """int8 programs per backend with per-layer sensitivity and accuracy-aware fallback -> <build>/quantize/<backend>/."""
+    from .config import load_config
+    from .quantize.run import BACKENDS, quantize_from_config
+
+    cfg = load_config(config)
+    backends = BACKENDS if backend == "all" else (backend,)
+    log = _logger(as_json)
+    if compare:
+        from .quantize.compare import compare_from_config
+
+        result = compare_from_config(cfg, backends=backends, out=out_dir, no_distill=no_distill, benchmarks=benchmarks,
+                                     progress=progress and not as_json, log=log)
+        if as_json:
+            _emit_json(result)
+        else:
+            out.print(result["markdown"], markup=False)
+        return
+    result = quantize_from_config(cfg, backends=backends, method=method, tolerance=tolerance, out=out_dir,
+                                  no_distill=no_distill, progress=progress and not as_json, log=log,
+                                  max_fallback=max_fallback, sensitivity=sensitivity)
+    if as_json:
+        _emit_json({b: {"out": str(result.folders[b]), **m} for b, m in result.manifests.items()})
+        return
+    for b, folder in result.folders.items():
+        fb = result.manifests[b]["fallback"]
+        out.print(f"wrote {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})"
+                  + (f"; {len(fb['float_layers'])} layer(s) in float for tolerance {fb['tolerance']:g}" if fb else ""),
+                  markup=False)
+
+
 def _parse_towers(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -450,7 +500,10 @@ def report_cmd(
 
     path = build_report(folders, html_out, golden)
     if benchmarks is not None:
-        atomic_write_text(benchmarks, benchmarks_markdown(folders))
+        from .quantize.compare import keep_sections  # sections other commands own (quantize --compare) stay
+
+        old = benchmarks.read_text(encoding="utf-8") if benchmarks.is_file() else ""
+        atomic_write_text(benchmarks, keep_sections(old, benchmarks_markdown(folders)))
         if not as_json:
             out.print(f"wrote {benchmarks}", markup=False)
     if as_json:

@@ -24,6 +24,7 @@ from .errors import InputError
 from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, package_versions,
                        sha256_file, staged_dir)
 from .quantize.calibration import CalibrationSpec
+from .quantize.methods import method_for
 
 SCHEMA = 1
 TIE_MARGIN = 0.10  # latencies closer than this are a tie (sub-ms timings on a busy CPU vary by ~20 %)
@@ -663,7 +664,7 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                          prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions, device=device,
                          config_sha256=config_sha, gates=tuple(cfg.gates_for(target)), calibration=calibration,
                          trt_version=trt_version_code(dev.runtimes["tensorrt"]) if dev and "tensorrt" in dev.runtimes else 100300,
-                         method=cfg.quantize.method, percentile=cfg.quantize.percentile,
+                         method=method_for(spec.backend, cfg.quantize.method), percentile=cfg.quantize.percentile,
                          golden=golden if (golden / "golden.json").is_file() else None,
                          towers=tuple(towers or cfg.targets.towers),
                          head=None if (head or cfg.targets.head) == "embedding" else (head or cfg.targets.head))

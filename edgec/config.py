@@ -107,7 +107,9 @@ class CalibrationSection:
 
 @dataclass(frozen=True)
 class QuantizeSection:
-    method: Literal["minmax", "percentile", "entropy"] = doc("minmax", help="activation range calibration")
+    method: Literal["minmax", "percentile", "entropy", "auto", "histogram"] = doc(
+        "auto", help="activation range calibration; auto: per backend the method measured best (onnx, litert: "
+                     "minmax; executorch: histogram, torch's HistogramObserver); histogram: executorch only")
     percentile: float = doc(99.999, help="percentile for method = percentile")
     tolerance: float | None = doc(None, help="max zero-shot agreement loss vs float; sensitive layers fall back to float until it holds")
 
