@@ -170,6 +170,9 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
         try:
             same = (meta["teacher"]["sha256"] == inputs["teacher"] and meta["eval"]["sha256"] == inputs["eval"]
                     and meta["prompts"] == inputs["prompts"] and (out / GOLDEN_NPZ).is_file()
+                    # recorded since golden schema 1 gained them; older sets were made with the defaults
+                    and meta.get("captions_file", "captions.jsonl") == inputs["captions_file"]
+                    and meta.get("max_bad_fraction", 0.05) == inputs["max_bad_fraction"]
                     and sha256_file(out / GOLDEN_NPZ) == meta["npz_sha256"])
         except (KeyError, TypeError):
             same = False

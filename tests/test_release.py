@@ -28,12 +28,12 @@ STUDENT = "test_efficientnet"  # timm's 99k-parameter test network: distils in s
 
 
 def write_config(root: Path, data: Path, build: Path, *, epochs: int = 2, distill: str = "", gates: str = '["cosine_mean>=0.1"]',
-                 extra: str = "") -> Path:
+                 extra: str = "", data_keys: str = "") -> Path:
     path = root / "edgec.toml"
     path.write_text("\n".join([
         "[model]", f"path = {json.dumps(str(EXAMPLE / 'teacher'))}",
         "[student]", f'name = "{STUDENT}"',
-        "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
+        "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}", data_keys,
         "[distill]", f"epochs = {epochs}", "batch_size = 16", "lr = 0.01", distill,
         "[calibration]", f"path = {json.dumps(str(data / 'train'))}", "num_images = 32",
         "[targets]", 'build = ["cpu"]', f"out = {json.dumps(str(build))}",
@@ -337,3 +337,11 @@ def test_interrupted_compile_leaves_the_previous_target_and_the_next_run_complet
     assert "half-written by an interrupted run" in result.stdout and not visible_partials(build)
     assert stages(build) == {"golden golden": "cached", f"distill {STUDENT}": "cached", "compile cpu": "ran", "verify cpu": "ran"}
     assert intact(build / "cpu")["build"]["cache_key"] != old_key
+
+
+def test_a_changed_golden_setting_rebuilds_the_golden_set(built, tmp_path, shapes_data):
+    config, build = copy_project(built, tmp_path, shapes_data, data_keys="max_bad_fraction = 0.2")
+    result = release(config)
+    assert result.exit_code == 0, result.output
+    assert stages(build)["golden golden"] == "ran"
+    assert json.loads((build / "golden" / "golden.json").read_text())["max_bad_fraction"] == 0.2

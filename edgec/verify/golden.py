@@ -99,6 +99,8 @@ def build_golden(config: GoldenConfig, *, log=print) -> Path:
             "labels": folder.labels,
             "captions": [list(it.captions) for it in items] if folder.has_captions else None,
             "prompts": list(config.prompts),
+            "captions_file": config.captions_file,
+            "max_bad_fraction": config.max_bad_fraction,
             "preprocess": teacher.preprocess.to_json(),
             "embedding_dim": int(image.shape[1]),
             "logit_scale": teacher.logit_scale,
