@@ -379,16 +379,18 @@ def quantize_cmd(
     if compare:
         from .quantize.compare import compare_from_config
 
-        result = compare_from_config(cfg, backends=backends, out=out_dir, no_distill=no_distill, benchmarks=benchmarks,
-                                     progress=progress and not as_json, log=log)
+        with _build_lock(cfg, "edgec quantize --compare"):
+            result = compare_from_config(cfg, backends=backends, out=out_dir, no_distill=no_distill, benchmarks=benchmarks,
+                                         progress=progress and not as_json, log=log)
         if as_json:
             _emit_json(result)
         else:
             out.print(result["markdown"], markup=False)
         return
-    result = quantize_from_config(cfg, backends=backends, method=method, tolerance=tolerance, out=out_dir,
-                                  no_distill=no_distill, progress=progress and not as_json, log=log,
-                                  max_fallback=max_fallback, sensitivity=sensitivity)
+    with _build_lock(cfg, "edgec quantize"):  # release's recovery removes unlocked half-written folders
+        result = quantize_from_config(cfg, backends=backends, method=method, tolerance=tolerance, out=out_dir,
+                                      no_distill=no_distill, progress=progress and not as_json, log=log,
+                                      max_fallback=max_fallback, sensitivity=sensitivity)
     if as_json:
         _emit_json({b: {"out": str(result.folders[b]), **m} for b, m in result.manifests.items()})
         return
