@@ -274,6 +274,8 @@ def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stag
 
 
 def to_junit(release: dict) -> str:
+    from .verify.run import junit_gate_case
+
     suites, total, total_fail = [], 0, 0
     for target, rec in release["targets"].items():
         cases, failures = [], 0
@@ -287,14 +289,8 @@ def to_junit(release: dict) -> str:
                 cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{escape(target)}: {stage}" '
                              f'time="{st["seconds"]}"><{kind} message="{msg}"/></testcase>')
         for g in rec.get("gates", []):
-            name = escape(f"{target}/{g['artifact']}: {g['gate']}", {'"': "&quot;"})
-            if g["passed"]:
-                cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{name}" time="{t}"/>')
-            else:
-                failures += 1
-                msg = escape(f"{g['metric']} = {g['value']}, threshold {g['threshold']}", {'"': "&quot;"})
-                cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{name}" time="{t}">'
-                             f'<failure message="{msg}"/></testcase>')
+            cases.append(junit_gate_case(f"edgec.release.{escape(target)}", target, g["artifact"], g, t, indent="    "))
+            failures += not g["passed"]
         total += len(cases)
         total_fail += failures
         suites.append(f'  <testsuite name="edgec release {escape(target)}" tests="{len(cases)}" failures="{failures}">\n'

@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..manifest import atomic_write_json, package_versions, sha256_file, sha256_tree
+from ..manifest import atomic_write_json, package_versions, replace_dir, sha256_file, sha256_tree
 from ..schema import to_dict
 from . import DistillConfig
 
@@ -148,18 +147,6 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def _swap_in(work: Path, final: Path) -> None:
-    """Replace ``final`` by the finished ``work`` folder (the old one survives until the new one is in place)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(work, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, final)
-
-
 def ensure_student(config: DistillConfig, *, progress: bool = True, log=print, memo: dict | None = None,
                    label: str | None = None) -> StudentStage:
     """The student for ``config``: reused when its inputs are unchanged, else distilled (resuming an
@@ -192,7 +179,7 @@ def ensure_student(config: DistillConfig, *, progress: bool = True, log=print, m
     result = run(dataclasses.replace(config, out=work), resume=resume, progress=progress, log=log)
     manifest = dict(result.manifest, cache={"key": key, "inputs": inputs})
     atomic_write_json(work / "manifest.json", manifest)
-    _swap_in(work, config.out)
+    replace_dir(work, config.out)
     (config.out / KEY_FILE).unlink()
     return StudentStage(config.out, config.out / "student", manifest, key, "resumed" if resume else "trained",
                         time.time() - t0)

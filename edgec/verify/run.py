@@ -213,18 +213,20 @@ def verify_logits(folder: Path, art: dict, manifest: dict, x: np.ndarray, image_
     return {"artifact": art["path"], "runtime": art["runtime"], "metrics": metrics, "seconds": round(time.time() - t0, 2)}
 
 
+def junit_gate_case(classname: str, target: str, artifact: str, gate: dict, seconds: float, indent: str = "  ") -> str:
+    """One JUnit test case for one gate of one artifact (a <failure> with value and threshold when it failed)."""
+    name = escape(f"{target}/{artifact}: {gate['gate']}", {'"': "&quot;"})
+    head = f'{indent}<testcase classname="{classname}" name="{name}" time="{seconds}"'
+    if gate["passed"]:
+        return head + "/>"
+    msg = escape(f"{gate['metric']} = {gate['value']}, threshold {gate['threshold']}", {'"': "&quot;"})
+    return head + f'><failure message="{msg}"/></testcase>'
+
+
 def to_junit(report: dict) -> str:
-    cases, failures = [], 0
-    for r in report["results"]:
-        for g in r["gates"]:
-            name = escape(f"{report['target']}/{r['artifact']}: {g['gate']}", {'"': "&quot;"})
-            if g["passed"]:
-                cases.append(f'  <testcase classname="edgec.verify" name="{name}" time="{r["seconds"]}"/>')
-            else:
-                failures += 1
-                msg = escape(f"{g['metric']} = {g['value']}, threshold {g['threshold']}", {'"': "&quot;"})
-                cases.append(f'  <testcase classname="edgec.verify" name="{name}" time="{r["seconds"]}">'
-                             f'<failure message="{msg}"/></testcase>')
+    cases = [junit_gate_case("edgec.verify", report["target"], r["artifact"], g, r["seconds"])
+             for r in report["results"] for g in r["gates"]]
+    failures = sum(not g["passed"] for r in report["results"] for g in r["gates"])
     head = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edgec verify {escape(str(report["target"]))}" '
             f'tests="{len(cases)}" failures="{failures}">')
     return "\n".join([head, *cases, "</testsuite>"]) + "\n"
