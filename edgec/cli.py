@@ -359,19 +359,22 @@ def quantize_cmd(
                                                        "1 - cosine vs float and the agreement lost vs float are both <= T "
                                                        "(default: [quantize] tolerance).")] = None,
     max_fallback: Annotated[int, typer.Option("--max-fallback", help="At most this many float layers.")] = 16,
+    eval_images: Annotated[int, typer.Option("--eval-images", help="Golden images for the ranking and the fallback "
+                                             "search (the final metrics use all of them).")] = 128,
     sensitivity: Annotated[bool, typer.Option("--sensitivity/--no-sensitivity", help="Rank every layer (one program per layer).")] = True,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/quantize).")] = None,
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Quantize the teacher's image tower as it is.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Instead: each backend's default flow vs edgec's, every "
                                                             "calibration method, one table (<out>/compare.md).")] = False,
-    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", help="With --compare: also put the table in this "
-                                                       "Markdown file's quantization section.")] = None,
+    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", help="Also put the --compare table (or the "
+                                                       "--tolerance fallback table) in a marked section of this "
+                                                       "Markdown file.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """int8 programs per backend with per-layer sensitivity and accuracy-aware fallback -> <build>/quantize/<backend>/."""
     from .config import load_config
-    from .quantize.run import BACKENDS, quantize_from_config
+    from .quantize.run import BACKENDS, check_tolerance_met, quantize_from_config
 
     cfg = load_config(config)
     backends = BACKENDS if backend == "all" else (backend,)
@@ -390,15 +393,20 @@ def quantize_cmd(
     with _build_lock(cfg, "edgec quantize"):  # release's recovery removes unlocked half-written folders
         result = quantize_from_config(cfg, backends=backends, method=method, tolerance=tolerance, out=out_dir,
                                       no_distill=no_distill, progress=progress and not as_json, log=log,
-                                      max_fallback=max_fallback, sensitivity=sensitivity)
-    if as_json:
-        _emit_json({b: {"out": str(result.folders[b]), **m} for b, m in result.manifests.items()})
-        return
-    for b, folder in result.folders.items():
+                                      max_fallback=max_fallback, sensitivity=sensitivity, eval_images=eval_images,
+                                      check_tolerance=False)
+    if benchmarks is not None and tolerance is not None:
+        from .quantize.compare import FALLBACK_SECTION, fallback_markdown, write_section
+
+        write_section(benchmarks, FALLBACK_SECTION, fallback_markdown(result.manifests))
+    for b, folder in result.folders.items() if not as_json else ():
         fb = result.manifests[b]["fallback"]
         out.print(f"wrote {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})"
                   + (f"; {len(fb['float_layers'])} layer(s) in float for tolerance {fb['tolerance']:g}" if fb else ""),
                   markup=False)
+    check_tolerance_met(result)  # exit 1 when not met (the folders are written)
+    if as_json:
+        _emit_json({b: {"out": str(result.folders[b]), **m} for b, m in result.manifests.items()})
 
 
 def _parse_towers(value: str | None) -> tuple[str, ...] | None:

@@ -115,6 +115,19 @@ def layer_name(node) -> str | None:
     return path
 
 
+def _weighted_partition(node) -> bool:
+    """A conv/linear node, or an op fused onto one (relu, batch norm, hardtanh: XNNPACK's conv/linear patterns)."""
+    for _ in range(3):
+        if node.op != "call_function":
+            return False
+        if str(node.target) in LAYER_OPS:
+            return True
+        if not node.args or not hasattr(node.args[0], "op"):
+            return False
+        node = node.args[0]
+    return False
+
+
 def _base_quantizer():
     from torchao.quantization.pt2e.quantizer import Quantizer
 
@@ -123,8 +136,9 @@ def _base_quantizer():
 
 class LayerSelectiveQuantizer(_base_quantizer()):
     """XNNPACK's annotations, then per layer (a conv/linear node): ``keep_float`` layers lose their input
-    annotations and their activation producer its output one (activation and weight stay float, the layer
-    computes in float), and with ``only`` every
+    annotations and their activation producer its output one unless that producer is an int8 conv/linear
+    (then the activation arrives with that int8 rounding; weights and the layer's compute are float), and
+    with ``only`` every
     annotation is dropped except the inputs of those layers (just that layer computes in int8).
 
     Module-name configs cannot do this: XNNPACK annotates fused partitions (conv + bn + relu) only when
@@ -151,13 +165,14 @@ class LayerSelectiveQuantizer(_base_quantizer()):
                 else:
                     del node.meta[key]
             elif layer in self.keep_float:
-                # the activation input stays float: the layer's own input spec, and the producer's output spec
-                # (PT2E shares one quantized tensor between a producer's output and its consumers' inputs;
-                # other int8 consumers keep their own input observers)
+                # the layer's own input specs go (float weights, no observer of its own on the activation); the
+                # producer's output spec goes too (PT2E shares one quantized tensor between a producer's output
+                # and its consumers' inputs; other int8 consumers keep their own input observers), unless the
+                # producer is an int8 conv/linear partition: XNNPACK runs those only with an int8 output
                 activation = node.args[0] if node.args else None
                 ann.input_qspec_map = {}
                 producer = activation.meta.get(key) if hasattr(activation, "meta") else None
-                if producer is not None:
+                if producer is not None and not _weighted_partition(activation):
                     producer.output_qspec = None
         return model
 
@@ -172,7 +187,7 @@ class Pt2eProgram:
     def __init__(self, model: torch.nn.Module, shape: tuple[int, ...], calibration: list[np.ndarray], *,
                  method: str = "histogram", percentile: float = 99.999, per_channel: bool = True) -> None:
         require_module("executorch", install="executorch", purpose="ExecuTorch int8")
-        self.model = model.eval()
+        self.model, self.method = model.eval(), method
         self.example = (torch.zeros(*shape),)
         self.config = quantization_config(method, percentile, per_channel=per_channel)
         with warnings.catch_warnings():

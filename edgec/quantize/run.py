@@ -86,6 +86,7 @@ class QuantizeOutputs:
     out: Path
     folders: dict[str, Path] = field(default_factory=dict)
     manifests: dict[str, dict] = field(default_factory=dict)
+    config: QuantizeConfig | None = None
 
     @property
     def tolerance_met(self) -> bool:
@@ -436,13 +437,20 @@ def config_from_edgec(cfg: EdgecConfig, *, backends: tuple[str, ...] = BACKENDS,
     return qcfg
 
 
-def quantize_from_config(cfg: EdgecConfig, *, log=print, **kwargs) -> QuantizeOutputs:
+def quantize_from_config(cfg: EdgecConfig, *, log=print, check_tolerance: bool = True, **kwargs) -> QuantizeOutputs:
     """``edgec quantize`` from edgec.toml (see :func:`config_from_edgec`); raises GateFailed when the tolerance
-    is not met (after writing the folders)."""
+    is not met (after writing the folders; call :func:`check_tolerance_met` yourself when ``check_tolerance`` is False)."""
     qcfg = config_from_edgec(cfg, log=log, **kwargs)
     result = run(qcfg, log=log)
+    result.config = qcfg
+    if check_tolerance:
+        check_tolerance_met(result)
+    return result
+
+
+def check_tolerance_met(result: QuantizeOutputs) -> None:
+    qcfg = result.config
     if not result.tolerance_met:
         missed = [b for b, m in result.manifests.items() if not (m.get("fallback") or {}).get("met", True)]
         raise GateFailed(f"tolerance {qcfg.tolerance:g} not met on {', '.join(missed)} with up to {qcfg.max_fallback} "
                          f"float layers (folders written)", hint="raise --tolerance or --max-fallback; see manifest.json 'fallback'")
-    return result

@@ -53,10 +53,14 @@ def test_tight_tolerance_keeps_layers_in_float_and_reports_their_cost(project, t
     config, build = project
     int8 = json.loads((build / "quantize" / "onnx" / "manifest.json").read_text())["fallback"]["int8_loss"]
     tolerance = int8 / 3  # tighter than plain int8 reaches
-    out = tmp_path / "q"
+    out, bench = tmp_path / "q", tmp_path / "BENCHMARKS.md"
     result = runner.invoke(app, ["quantize", "--config", str(config), "--no-distill", "--backend", "onnx", "--out", str(out),
-                                 "--tolerance", f"{tolerance:.8f}", "--max-fallback", "40", "--json"])
+                                 "--tolerance", f"{tolerance:.8f}", "--max-fallback", "40", "--benchmarks", str(bench),
+                                 "--eval-images", "48"])
     assert result.exit_code == 0, result.output
+    assert "layer(s) in float for tolerance" in result.output
+    section = bench.read_text()
+    assert "<!-- edgec-section: quantize-fallback -->" in section and "| onnx | minmax | yes |" in section
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
     fb = manifest["fallback"]
     assert fb["met"] and fb["loss"] <= tolerance < fb["int8_loss"] and fb["float_layers"]
@@ -65,6 +69,17 @@ def test_tight_tolerance_keeps_layers_in_float_and_reports_their_cost(project, t
     ranked = [r["name"] for r in json.loads((out / "onnx" / "sensitivity.json").read_text())["layers"]]
     # every fallback layer comes from the top of the ranking that greedy walked
     assert all(ranked.index(la["name"]) < len(fb["greedy_steps"]) for la in fb["float_layers"])
+
+
+def test_unreachable_tolerance_is_exit_1_with_the_folder_written(project, tmp_path):
+    config, _ = project
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", "--config", str(config), "--no-distill", "--backend", "onnx", "--out", str(out),
+                                 "--tolerance", "0", "--max-fallback", "1", "--eval-images", "16"])
+    assert result.exit_code == 1, result.output
+    assert "tolerance 0 not met on onnx" in result.output
+    fb = json.loads((out / "onnx" / "manifest.json").read_text())["fallback"]
+    assert not fb["met"] and len(fb["float_layers"]) == 1
 
 
 def test_nan_calibration_is_exit_2_and_writes_nothing(project, tmp_path):
