@@ -150,28 +150,16 @@ def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutp
         return CompileOutputs(config.out, cached, cached=True)
     from .backends import get_backend
     from .data.folder import read_folder
-    from .distill.data import teacher_identity
-    from .models import load_model
-    from .models.student import load_student
+    from .models.intake import load_image_source
     from .models.zeroshot import class_text_embeddings
 
     t0 = time.time()
     entry = registry.get("targets", config.target)
     target = entry.spec
     backend = get_backend(target.backend)
-    teacher = load_model(config.teacher.path, config.teacher.kind, arch=config.teacher.arch,
-                         trust_pickle=config.teacher.trust_pickle)
-    sources = {"teacher": teacher_identity(teacher), "student": None, "calibration": None, "config": config.config_sha256}
-    if config.source == "student":
-        encoder, spec, student_cfg = load_student(config.student)
-        teacher_sha = student_cfg.get("teacher", {}).get("sha256")
-        if teacher_sha and teacher_sha != sources["teacher"]:
-            raise InputError(f"the student in {config.student} was distilled from another teacher (sha256 {teacher_sha[:12]}...)",
-                             hint="distil it again from this teacher, or point [model] at the teacher it came from")
-        preprocess, sources["student"] = spec.preprocess, student_cfg["weights_sha256"]
-        model_name = spec.name
-    else:
-        encoder, preprocess, model_name = teacher.image_encoder, teacher.preprocess, f"{teacher.name} (image tower)"
+    src = load_image_source(config.teacher, config.source, config.student)
+    teacher, encoder, preprocess, model_name = src.teacher, src.encoder, src.preprocess, src.name
+    sources = {**src.sources, "calibration": None, "config": config.config_sha256}
     if preprocess.layout != target.layout:
         preprocess = dataclasses.replace(preprocess, layout=target.layout)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
+from ..data.preprocess import Preprocess
 from ..errors import InputError
 from .base import MultimodalModel, count_macs
 
@@ -112,3 +116,34 @@ def describe_student(student: str | Path, teacher: MultimodalModel | None, *, im
         t_macs = count_macs(teacher.image_encoder, teacher.example_inputs(1)["image"])
         info["vs_teacher_image_tower"] = {"params_ratio": round(t_params / params, 2), "macs_ratio": round(t_macs / max(1, macs), 2)}
     return info
+
+
+@dataclass
+class ImageSource:
+    """What a stage compiles or quantizes: the teacher, the image encoder (student or teacher tower) and its records."""
+
+    teacher: MultimodalModel
+    encoder: nn.Module
+    preprocess: Preprocess
+    name: str
+    sources: dict  # {"teacher": sha256, "student": sha256 | None}
+
+
+def load_image_source(teacher_section, source: str, student: Path | None) -> ImageSource:
+    """Load the teacher and the encoder to ship: the distilled student in ``student`` (refused when it was
+    distilled from another teacher), or with ``source = "teacher"`` the teacher's own image tower."""
+    from ..distill.data import teacher_identity
+    from .student import load_student
+
+    teacher = load_model(teacher_section.path, teacher_section.kind, arch=teacher_section.arch,
+                         trust_pickle=teacher_section.trust_pickle)
+    sources = {"teacher": teacher_identity(teacher), "student": None}
+    if source == "teacher":
+        return ImageSource(teacher, teacher.image_encoder, teacher.preprocess, f"{teacher.name} (image tower)", sources)
+    encoder, spec, cfg = load_student(student)
+    teacher_sha = cfg.get("teacher", {}).get("sha256")
+    if teacher_sha and teacher_sha != sources["teacher"]:
+        raise InputError(f"the student in {student} was distilled from another teacher (sha256 {teacher_sha[:12]}...)",
+                         hint="distil it again from this teacher, or point [model] at the teacher it came from")
+    sources["student"] = cfg["weights_sha256"]
+    return ImageSource(teacher, encoder, spec.preprocess, spec.name, sources)

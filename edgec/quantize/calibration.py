@@ -123,4 +123,4 @@ def load_calibration(spec: CalibrationSpec, preprocess: Preprocess) -> Calibrati
                           loaded.bad, preprocess)
 
 
-__all__ = ["CalibrationSpec", "CalibrationSet", "load_calibration", "sample_indices"]
+__all__ = ["CalibrationSet", "CalibrationSpec", "load_calibration", "sample_indices"]

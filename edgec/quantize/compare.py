@@ -21,7 +21,6 @@ rewrites the file (:func:`keep_sections`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import re
@@ -38,7 +37,7 @@ from .methods import BACKEND_METHODS, DEFAULT_METHODS
 from .run import BACKENDS, EvalSet
 
 SECTION = "quantize-compare"
-_MARK = re.compile(r"<!-- edgec-section: (?P<name>[\w-]+) -->\n.*?<!-- /edgec-section: (?P=name) -->\n?", re.S)
+_MARK = re.compile(r"<!-- edgec-section: (?P<name>[\w-]+) -->\n.*?<!-- /edgec-section: (?P=name) -->\n?", re.DOTALL)
 
 
 def _begin(name: str) -> str:
@@ -54,7 +53,7 @@ def write_section(path: Path, name: str, body: str) -> None:
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     block = _begin(name) + body.rstrip("\n") + "\n" + _end(name)
-    pattern = re.compile(re.escape(_begin(name)) + r".*?" + re.escape(_end(name)), re.S)
+    pattern = re.compile(re.escape(_begin(name)) + r".*?" + re.escape(_end(name)), re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _m: block, text, count=1)
     else:
@@ -261,7 +260,7 @@ def compare_from_config(cfg: EdgecConfig, *, backends=BACKENDS, out: Path | None
     return {"rows": rows, "best_methods": best_methods(rows), "markdown": md, "out": str(config.out)}
 
 
-__all__ = ["compare", "compare_from_config", "keep_sections", "write_section", "onnx_default", "litert_default"]
+__all__ = ["compare", "compare_from_config", "keep_sections", "litert_default", "onnx_default", "write_section"]
 
 
 FALLBACK_SECTION = "quantize-fallback"

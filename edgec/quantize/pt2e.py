@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ..errors import InputError, require_module
 from torchao.quantization.pt2e.observer import MinMaxObserver
 
+from ..errors import InputError, require_module
 from .ranges import entropy_amax, percentile_amax
 
 METHODS = ("minmax", "percentile", "entropy", "histogram")

@@ -31,7 +31,7 @@ from ..config import EdgecConfig, ModelSection
 from ..errors import GateFailed, InputError
 from ..manifest import atomic_write_bytes, atomic_write_json, file_record, package_versions, staged_dir
 from .calibration import CalibrationSpec
-from .methods import BACKEND_METHODS, DEFAULT_METHODS, method_for
+from .methods import BACKEND_METHODS, method_for
 
 BACKENDS = ("onnx", "litert", "executorch")
 RUNTIMES = {"onnx": "onnxruntime", "litert": "litert", "executorch": "executorch"}
@@ -96,25 +96,13 @@ class QuantizeOutputs:
 def load_source(config: QuantizeConfig):
     """(float model pixels -> L2-normalised embedding, NCHW preprocessing, model name, source hashes)."""
     from ..backends.onnx import NormalizedEmbedding
-    from ..distill.data import teacher_identity
-    from ..models import load_model
-    from ..models.student import disable_fused_attention, load_student
+    from ..models.intake import load_image_source
+    from ..models.student import disable_fused_attention
 
-    teacher = load_model(config.teacher.path, config.teacher.kind, arch=config.teacher.arch,
-                         trust_pickle=config.teacher.trust_pickle)
-    sources = {"teacher": teacher_identity(teacher), "student": None}
-    if config.source == "student":
-        encoder, spec, cfg = load_student(config.student)
-        teacher_sha = cfg.get("teacher", {}).get("sha256")
-        if teacher_sha and teacher_sha != sources["teacher"]:
-            raise InputError(f"the student in {config.student} was distilled from another teacher",
-                             hint="distil it again from this teacher, or point [model] at the teacher it came from")
-        preprocess, sources["student"], name = spec.preprocess, cfg["weights_sha256"], spec.name
-    else:
-        encoder, preprocess, name = teacher.image_encoder, teacher.preprocess, f"{teacher.name} (image tower)"
-    model = NormalizedEmbedding(encoder.eval()).eval()
+    src = load_image_source(config.teacher, config.source, config.student)
+    model = NormalizedEmbedding(src.encoder.eval()).eval()
     disable_fused_attention(model)
-    return model, dataclasses.replace(preprocess, layout="NCHW"), name, sources
+    return model, dataclasses.replace(src.preprocess, layout="NCHW"), src.name, src.sources
 
 
 def check_finite(model, batches: list[np.ndarray]) -> None:
@@ -299,8 +287,8 @@ def quantize_backend(backend: str, config: QuantizeConfig, model, preprocess, ca
     folder = config.out / backend
     with staged_dir(folder) as tmp, tempfile.TemporaryDirectory(prefix="edgec-quantize-") as work_dir:
         work = Path(work_dir)
-        program, fp32 = make_program(backend, model, shape, calib, work, method=method, percentile=config.percentile,
-                                     log=log)
+        program, _ = make_program(backend, model, shape, calib, work, method=method, percentile=config.percentile,
+                                  log=log)
         log(f"{backend}: {len(program.layers)} quantizable layers, {method} ranges from {len(calib)} calibration images")
         small = evalset.evaluator(config.eval_images)
         kwargs = {}
