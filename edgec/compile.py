@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import registry
 from .config import EdgecConfig, ModelSection
-from .errors import InputError
+from .errors import EdgecError, InputError
 from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, package_versions,
                        sha256_file, staged_dir)
 from .quantize.calibration import CalibrationSpec
@@ -141,13 +142,16 @@ def up_to_date(config: CompileConfig, key: str) -> dict | None:
     return manifest
 
 
-def run(config: CompileConfig, *, log=print, force: bool = False) -> CompileOutputs:
+def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: bool = False) -> CompileOutputs | None:
+    """Build the target folder, or reuse it when its inputs are unchanged; ``cached_only``: return None instead of building."""
     key = cache_key(config)
     if not force and (cached := up_to_date(config, key)) is not None:
         log(f"{config.target}: up to date in {config.out} (inputs unchanged; --force rebuilds)")
         return CompileOutputs(config.out, cached, cached=True)
     if not force and (cached := _regated(config, key, log)) is not None:
         return CompileOutputs(config.out, cached, cached=True)
+    if cached_only:
+        return None
     from .backends import get_backend
     from .data.folder import read_folder
     from .models.intake import load_image_source
@@ -620,10 +624,12 @@ def ensure_golden(cfg: EdgecConfig, target: str, log=print) -> Path:
 def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = False, out: Path | None = None,
                         config_path: Path | None = None, progress: bool = True, device: str | None = None,
                         force: bool = False, log=print, student_dir: Path | None = None,
-                        towers: tuple[str, ...] | None = None, head: str | None = None) -> CompileOutputs:
+                        towers: tuple[str, ...] | None = None, head: str | None = None,
+                        cached_only: bool = False) -> CompileOutputs | None:
     """Compile ``target`` from edgec.toml, distilling the student first when it is missing or its inputs
     changed (``student_dir``: a student folder already made for this target). ``towers`` and ``head``
-    ("embedding" or "zero-shot") override ``[targets] towers`` and ``head``."""
+    ("embedding" or "zero-shot") override ``[targets] towers`` and ``head``. ``cached_only``: None unless
+    the target folder is up to date (nothing is built)."""
     from .distill import DistillConfig
     from .distill.stage import ensure_student
 
@@ -656,7 +662,9 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                          golden=golden if (golden / "golden.json").is_file() else None,
                          towers=tuple(towers or cfg.targets.towers),
                          head=None if (head or cfg.targets.head) == "embedding" else (head or cfg.targets.head))
-    result = run(ccfg, log=log, force=force)
+    result = run(ccfg, log=log, force=force, cached_only=cached_only)
+    if result is None:
+        return None
     if device:
         for note in check_device(result.manifest, result.out, device):
             log(f"{target}: note: {note}")
@@ -709,9 +717,19 @@ def compile_many(cfg: EdgecConfig, targets: list[str], *, jobs: int | None = Non
         ensure_golden(cfg, t, log)
     kwargs = {"no_distill": no_distill, "config_path": config_path, "device": device, "force": force,
               "towers": towers, "head": head}
-    if jobs == 1:
-        return {t: _compile_one(cfg, t, students.get(t), kwargs, log, threads=None) for t in targets}
-    return _compile_parallel(cfg, targets, students, kwargs, jobs, log)
+    results: dict[str, TargetResult] = {}
+    if not force:  # up-to-date targets are settled here: a worker process costs seconds of start-up
+        for t in targets:
+            with contextlib.suppress(EdgecError):  # its own run reports the error
+                if (res := compile_from_config(cfg, t, progress=False, log=log, student_dir=students.get(t),
+                                               cached_only=True, **kwargs)) is not None:
+                    results[t] = TargetResult(t, "cached", 0.0, output=res)
+    todo = [t for t in targets if t not in results]
+    if len(todo) <= 1 or jobs == 1:
+        results.update({t: _compile_one(cfg, t, students.get(t), kwargs, log, threads=None) for t in todo})
+    else:
+        results.update(_compile_parallel(cfg, todo, students, kwargs, min(jobs, len(todo)), log))
+    return {t: results[t] for t in targets}
 
 
 def _compile_one(cfg: EdgecConfig, target: str, student_dir: Path | None, kwargs: dict, log, threads: int | None) -> TargetResult:

@@ -33,3 +33,18 @@ def test_target_all_compiles_in_parallel_and_collects_each_error(tmp_path, shape
     again = runner.invoke(app, ["compile", "--config", str(config), "--target", "all", "--no-distill", "--json"])
     rows = {r["target"]: r for r in json.loads(again.stdout)}
     assert rows["jetson"]["status"] == "cached" and rows["cpu"]["status"] == "failed" and again.exit_code == 1
+
+
+def test_up_to_date_targets_are_settled_without_starting_workers(tmp_path, shapes_data, tiny_edgec):
+    config = write_project(tmp_path, shapes_data, teacher=tiny_edgec)
+    config.write_text(config.read_text().replace("[targets]\n", '[targets]\nbuild = ["jetson", "edgetpu"]\n', 1))
+    args = ["compile", "--config", str(config), "--target", "all", "--no-distill", "--jobs", "2", "--no-progress"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "2 at a time, each in its own process" in first.stdout
+    before = {t: (tmp_path / "build" / t / "manifest.json").read_bytes() for t in ("jetson", "edgetpu")}
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "each in its own process" not in again.stdout  # nothing left to build: no worker started
+    assert "jetson: up to date" in again.stdout and "edgetpu: up to date" in again.stdout
+    assert {t: (tmp_path / "build" / t / "manifest.json").read_bytes() for t in before} == before
