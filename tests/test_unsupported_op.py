@@ -36,16 +36,16 @@ def _odd_encoder(torch, encoder):
 
 
 def test_unexportable_op_names_op_layer_and_fallback(tmp_path, shapes_data, tiny_edgec, monkeypatch, torch):
-    import edgec.models
+    import edgec.models.intake
 
-    real = edgec.models.load_model
+    real = edgec.models.intake.load_model
 
     def load_model(*args, **kwargs):
         model = real(*args, **kwargs)
         model.image_encoder = _odd_encoder(torch, model.image_encoder)
         return model
 
-    monkeypatch.setattr(edgec.models, "load_model", load_model)
+    monkeypatch.setattr(edgec.models.intake, "load_model", load_model)  # what compile loads the teacher with
     config = write_project(tmp_path, shapes_data, teacher=tiny_edgec)
     result = runner.invoke(app, ["compile", "--config", str(config), "--target", "cpu", "--no-distill", "--no-progress"])
     assert result.exit_code == 2, result.output
