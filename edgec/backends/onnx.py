@@ -69,11 +69,14 @@ def build(encoder: nn.Module, shape: tuple[int, ...], *, spec, work: Path, calib
         from ..quantize.onnx_qdq import quantize_onnx
 
         calib = calibration()
+        activations = "asymmetric" if spec.quantizer == "qdq-asymmetric" else "symmetric"
         q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=method, percentile=percentile,
-                          trt_version=trt_version)
-        built.files["calibration.cache"] = q.trt_cache
-        log(f"int8 Q/DQ ONNX, {method} ranges from {len(calib)} calibration images, {q.qdq_pairs} Q/DQ pairs "
-            f"({q.path.stat().st_size / 1e6:.2f} MB); TensorRT calibration cache written")
+                          trt_version=trt_version, activations=activations)
+        if q.trt_cache is not None:
+            built.files["calibration.cache"] = q.trt_cache
+        log(f"int8 Q/DQ ONNX ({activations} activations), {method} ranges from {len(calib)} calibration images, "
+            f"{q.qdq_pairs} Q/DQ pairs ({q.path.stat().st_size / 1e6:.2f} MB)"
+            + ("; TensorRT calibration cache written" if q.trt_cache is not None else ""))
         return q.path, calib.sha256
 
     built.candidates, built.calibration_sha256 = precision_candidates(spec, "onnx", fp32, int8)

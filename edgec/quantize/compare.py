@@ -168,6 +168,15 @@ def compare(model, preprocess, calib, evalset: EvalSet, backends=BACKENDS, *, pe
                 rows.append(_row(backend, "edgec", f"{desc}, {method}", measure(path, backend, evalset), time.time() - t0))
                 rows[-1]["method"] = method
                 log(f"compare: {backend} edgec {method}: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
+            if backend == "onnx":  # the cpu target's form (onnxruntime only): asymmetric uint8 activations
+                from .onnx_qdq import quantize_onnx
+
+                t0 = time.time()
+                path = quantize_onnx(fp32, bdir / "edgec-asymmetric.onnx", calib, activations="asymmetric").path
+                rows.append(_row(backend, "edgec", "cpu target: asymmetric U8S8 Q/DQ, per-channel, Conv/MatMul/Gemm, minmax",
+                                 measure(path, backend, evalset), time.time() - t0))
+                rows[-1]["form"] = "cpu"
+                log(f"compare: onnx edgec asymmetric: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
     return rows
 
 
@@ -186,7 +195,7 @@ def best_methods(rows: list[dict]) -> dict[str, str]:
     """Per backend, the edgec method with the highest mean cosine vs float (agreement breaks no tie: it is coarser)."""
     best: dict[str, tuple[float, str]] = {}
     for r in rows:
-        if r["flow"] == "edgec":
+        if r["flow"] == "edgec" and "form" not in r:  # the method comparison is over one form
             score = r["vs_float"]["cosine_mean"]
             if r["backend"] not in best or score > best[r["backend"]][0]:
                 best[r["backend"]] = (score, r["method"])
@@ -231,6 +240,11 @@ def markdown(rows: list[dict], *, model_name: str, images: int, calib_images: in
         verdict = "at least as close to the float model as" if o >= d else "**less close** to the float model than"
         lines.append(f"- {backend}: edgec ({DEFAULT_METHODS[backend]}) is {verdict} the default flow "
                      f"(cosine {o:.5f} vs {d:.5f}); best measured method: {best.get(backend)}.")
+        for form in (r for r in rows if r["backend"] == backend and "form" in r):
+            c = form["vs_float"]["cosine_mean"]
+            verdict = "at least as close to the float model as" if c >= d else "**less close** to the float model than"
+            lines.append(f"- {backend}: the {form['form']} target's form ({form['config'].split(': ', 1)[-1]}) is {verdict} "
+                         f"the default flow (cosine {c:.5f} vs {d:.5f}).")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,9 @@
 """int8 Q/DQ ONNX in the form TensorRT's explicit quantization accepts (onnxruntime runs it too).
 
 ``quant_pre_process`` first; per-channel symmetric int8 weights; symmetric int8 activations
-with ranges from :mod:`edgec.quantize.ranges` (measured once per model,
+(TensorRT's form) or, for onnxruntime-only targets, asymmetric uint8 activations (closer to the
+float model: post-activation tensors are mostly positive and symmetric int8 wastes half its
+levels on them) with ranges from :mod:`edgec.quantize.ranges` (measured once per model,
 so sensitivity and fallback can quantize it many times); only Conv / MatMul / Gemm quantized by default
 (fewer Q/DQ pairs, and the best cosine in the exploratory runs). The same ranges give the
 TensorRT calibration cache.
@@ -20,13 +22,14 @@ from .calibration import CalibrationSet
 from .ranges import collect_ranges, tensorrt_cache
 
 DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
+ACTIVATIONS = ("symmetric", "asymmetric")
 
 
 @dataclass
 class QuantizedOnnx:
     path: Path
     amax: dict[str, float]
-    trt_cache: str
+    trt_cache: str | None  # TensorRT's calibration cache; None for asymmetric activations (TensorRT takes symmetric only)
     quantized_nodes: int
     qdq_pairs: int
 
@@ -46,7 +49,11 @@ class QdqQuantizer:
     models with any set of nodes kept in float (sensitivity and fallback quantize many times)."""
 
     def __init__(self, fp32: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
-                 op_types: tuple[str, ...] = DEFAULT_OP_TYPES, batch_size: int = 16, trt_version: int = 100300) -> None:
+                 op_types: tuple[str, ...] = DEFAULT_OP_TYPES, batch_size: int = 16, trt_version: int = 100300,
+                 activations: str = "symmetric") -> None:
+        if activations not in ACTIVATIONS:
+            raise InputError(f"unknown activation form {activations!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
+        self.activations = activations
         onnx = require_module("onnx", install="onnx", purpose="ONNX quantization")
         ort = require_module("onnxruntime", install="onnxruntime", purpose="ONNX quantization")
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -74,6 +81,7 @@ class QdqQuantizer:
 
         self.collector = collect_ranges(run_all, lambda: calib.batches(batch_size=batch_size))
         self.amax = self.collector.amax(method, percentile)
+        self.bounds = self.collector.bounds(method, percentile)
         # quantizable nodes in execution order, with their weight sizes (what keeping them in float costs)
         inits = {i.name: i for i in model.graph.initializer}
         self.layers: list[dict] = []
@@ -94,10 +102,14 @@ class QdqQuantizer:
         if only is not None:
             exclude_nodes = tuple(n for n in names if n not in set(only))
         model = onnx.load_from_string(self.model_bytes)
-        data = {n: TensorData(lowest=np.float32(-a), highest=np.float32(a)) for n, a in self.amax.items()}
-        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8,
+        symmetric = self.activations == "symmetric"
+        if symmetric:
+            data = {n: TensorData(lowest=np.float32(-a), highest=np.float32(a)) for n, a in self.amax.items()}
+        else:
+            data = {n: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for n, (lo, hi) in self.bounds.items()}
+        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8 if symmetric else QuantType.QUInt8,
                                  TensorsData(CalibrationMethod.MinMax, data), None, list(exclude_nodes) or None,
-                                 list(self.op_types), {"ActivationSymmetric": True, "WeightSymmetric": True})
+                                 list(self.op_types), {"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         quantizer.quantize_model()
         quantizer.model.save_model_to_file(str(out), False)
         q = onnx.load(str(out))
@@ -106,12 +118,12 @@ class QdqQuantizer:
             raise InputError(f"quantization of {self.fp32.name} produced no Q/DQ nodes",
                              hint="the model has no Conv/MatMul/Gemm to quantize, or every one is kept in float")
         n_quant = sum(1 for n in names if n not in set(exclude_nodes))
-        return QuantizedOnnx(Path(out), self.amax, tensorrt_cache(self.amax, trt_version=self.trt_version), n_quant,
-                             ops.count("QuantizeLinear"))
+        cache = tensorrt_cache(self.amax, trt_version=self.trt_version) if symmetric else None
+        return QuantizedOnnx(Path(out), self.amax, cache, n_quant, ops.count("QuantizeLinear"))
 
 
 def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
                   op_types: tuple[str, ...] = DEFAULT_OP_TYPES, exclude_nodes: tuple[str, ...] = (),
-                  batch_size: int = 16, trt_version: int = 100300) -> QuantizedOnnx:
+                  batch_size: int = 16, trt_version: int = 100300, activations: str = "symmetric") -> QuantizedOnnx:
     return QdqQuantizer(fp32, calib, method=method, percentile=percentile, op_types=op_types, batch_size=batch_size,
-                        trt_version=trt_version).quantize(out, exclude_nodes=exclude_nodes)
+                        trt_version=trt_version, activations=activations).quantize(out, exclude_nodes=exclude_nodes)

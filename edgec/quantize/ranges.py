@@ -36,6 +36,8 @@ class RangeCollector:
     def __post_init__(self) -> None:
         self.max: dict[str, float] = {}
         self.hist: dict[str, np.ndarray] = {}
+        self.lo: dict[str, float] = {}  # signed extremes, for asymmetric (uint8) activations
+        self.hi: dict[str, float] = {}
 
     def observe_max(self, name: str, x: np.ndarray) -> None:
         a = float(np.max(np.abs(x))) if x.size else 0.0
@@ -43,6 +45,9 @@ class RangeCollector:
             raise InputError(f"calibration produced a non-finite activation in tensor {name!r}",
                              hint="check the calibration images and the model (NaN/inf weights?)")
         self.max[name] = max(self.max.get(name, 0.0), a)
+        if x.size:
+            self.lo[name] = min(self.lo.get(name, 0.0), float(np.min(x)))
+            self.hi[name] = max(self.hi.get(name, 0.0), float(np.max(x)))
 
     def observe_hist(self, name: str, x: np.ndarray) -> None:
         top = self.max.get(name, 0.0)
@@ -64,6 +69,12 @@ class RangeCollector:
             else:
                 out[name] = entropy_amax(hist, top)
         return out
+
+
+    def bounds(self, method: str, percentile: float = 99.999) -> dict[str, tuple[float, float]]:
+        """Asymmetric ranges: each tensor's signed [min, max] (always spanning 0), clipped to the method's |x| limit."""
+        return {name: (max(self.lo.get(name, 0.0), -a), min(self.hi.get(name, 0.0), a))
+                for name, a in self.amax(method, percentile).items()}
 
 
 def percentile_amax(hist: np.ndarray, top: float, percentile: float) -> float:

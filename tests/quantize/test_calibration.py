@@ -108,3 +108,14 @@ def test_missing_empty_and_undecodable_sources(tmp_path):
     listing.write_text("../outside.png\n")
     with pytest.raises(InputError, match="points outside"):
         load_calibration(CalibrationSpec(listing, num_images=2, min_images=1), PRE)
+
+
+def test_asymmetric_bounds_follow_the_signed_extremes_clipped_by_the_method():
+    rng = np.random.default_rng(0)
+    batches = [np.maximum(rng.standard_normal((64, 32)), 0) * 3 - 0.1 for _ in range(4)]  # post-activation: mostly >= 0
+    batches[0][0, 0] = 40.0  # one outlier
+    collector = collect_ranges(lambda b: {"x": b}, batches)
+    lo, hi = collector.bounds("minmax")["x"]
+    assert lo == pytest.approx(-0.1) and hi == pytest.approx(40.0)
+    plo, phi = collector.bounds("percentile", 99.9)["x"]
+    assert plo == pytest.approx(-0.1) and phi < 20 and phi == pytest.approx(collector.amax("percentile", 99.9)["x"])
