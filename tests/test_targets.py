@@ -114,7 +114,11 @@ def test_android_tflite_ships_the_fastest_passing_precision(project):
     sel = manifest["selection"]
     assert [c["precision"] for c in sel["candidates"]] == ["int8", "fp32"]
     assert sel["chosen"] == expected_choice(sel)
-    assert manifest["ops"]["candidates_float_ops"]["int8"] == 0
+    # android-tflite's int8 is litert-torch's PT2E form: int8 convs with float islands (the edgetpu target's
+    # fully integer form has none, see the edgetpu test); it tracks the fp32 candidate
+    assert manifest["ops"]["candidates_float_ops"]["int8"] > 0
+    int8, fp32 = sel["candidates"]
+    assert abs(int8["metrics"]["cosine_mean"] - fp32["metrics"]["cosine_mean"]) < 0.01
     assert runner.invoke(app, ["verify", str(build / "android-tflite")]).exit_code == 0
 
 

@@ -22,11 +22,9 @@ rewrites the file (:func:`keep_sections`).
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,26 +87,13 @@ def onnx_default(fp32: Path, out: Path, calib) -> Path:
     return out
 
 
-def litert_default(model, shape_nchw, out: Path, calib) -> Path:
-    import litert_torch
-    import torch
-    from litert_torch.quantize import pt2e_quantizer
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+def litert_default(model, shape_nchw, out: Path, calib, *, per_channel: bool = False) -> Path:
+    """litert-torch's PT2E route with its default config (per-tensor); ``per_channel``: android-tflite's form."""
+    from ..backends.litert import quantize_pt2e
 
-    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     n, c, h, w = shape_nchw
-    nhwc = litert_torch.to_channel_last_io(model, args=[0]).eval()
-    example = (torch.zeros(n, h, w, c),)
-    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(pt2e_quantizer.get_symmetric_quantization_config())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_pt2e(torch.export.export(nhwc, example).module(), quantizer)
-        with torch.no_grad():
-            for b in calib.batches(layout="NHWC", batch_size=1):
-                prepared(torch.from_numpy(b))
-        converted = convert_pt2e(prepared, fold_quantize=False)
-        litert_torch.convert(converted, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(out))
+    quantize_pt2e(model, (n, h, w, c), out, [b for b in calib.batches(layout="NHWC", batch_size=1)],
+                  per_channel=per_channel)
     return out
 
 
@@ -177,6 +162,14 @@ def compare(model, preprocess, calib, evalset: EvalSet, backends=BACKENDS, *, pe
                                  measure(path, backend, evalset), time.time() - t0))
                 rows[-1]["form"] = "cpu"
                 log(f"compare: onnx edgec asymmetric: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
+            if backend == "litert":  # the android-tflite target's form: PT2E, per-channel weights (not fully integer)
+                t0 = time.time()
+                path = litert_default(model, shape, bdir / "edgec-pt2e-per-channel.tflite", calib, per_channel=True)
+                rows.append(_row(backend, "edgec", "android-tflite target: litert-torch PT2E, per-channel int8 weights "
+                                 "(float islands; the edgetpu target needs the fully integer form above)",
+                                 measure(path, backend, evalset), time.time() - t0))
+                rows[-1]["form"] = "android-tflite"
+                log(f"compare: litert edgec PT2E per-channel: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
     return rows
 
 
