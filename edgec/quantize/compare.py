@@ -195,6 +195,9 @@ def best_methods(rows: list[dict]) -> dict[str, str]:
     return {b: m for b, (_, m) in best.items()}
 
 
+MAIN_FORM = {"onnx": ", jetson's symmetric TensorRT form", "litert": ", edgetpu's fully integer form"}
+
+
 def markdown(rows: list[dict], *, model_name: str, images: int, calib_images: int, calib_sha: str,
              float_model: dict | None = None) -> str:
     def f(v, nd=4):
@@ -231,7 +234,7 @@ def markdown(rows: list[dict], *, model_name: str, images: int, calib_images: in
             continue
         d, o = default["vs_float"]["cosine_mean"], ours["vs_float"]["cosine_mean"]
         verdict = "at least as close to the float model as" if o >= d else "**less close** to the float model than"
-        lines.append(f"- {backend}: edgec ({DEFAULT_METHODS[backend]}) is {verdict} the default flow "
+        lines.append(f"- {backend}: edgec ({DEFAULT_METHODS[backend]}{MAIN_FORM.get(backend, '')}) is {verdict} the default flow "
                      f"(cosine {o:.5f} vs {d:.5f}); best measured method: {best.get(backend)}.")
         for form in (r for r in rows if r["backend"] == backend and "form" in r):
             c = form["vs_float"]["cosine_mean"]
