@@ -117,10 +117,12 @@ def _perturb_onnx(path: Path, scale: float) -> None:
 
     model = onnx.load(str(path))
     rng = np.random.default_rng(0)
-    for init in model.graph.initializer:
+    for init in model.graph.initializer:  # the weights of an fp32 model, or the int8 weights of a Q/DQ one
         w = numpy_helper.to_array(init)
-        if w.dtype == np.float32 and w.size > 1000:
-            init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name))
+        if w.size > 1000 and w.dtype in (np.float32, np.int8):
+            noisy = w + rng.normal(0, scale * w.astype(np.float32).std(), w.shape)
+            noisy = np.clip(np.round(noisy), -127, 127) if w.dtype == np.int8 else noisy
+            init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
     onnx.save(model, str(path))
 
 
