@@ -23,7 +23,7 @@ from . import registry
 from .config import EdgecConfig, ModelSection
 from .errors import EdgecError, InputError
 from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, package_versions,
-                       sha256_file, staged_dir)
+                       read_json, sha256_file, sha256_json, staged_dir)
 from .quantize.calibration import CalibrationSpec
 from .quantize.methods import method_for
 
@@ -77,9 +77,6 @@ class CompileOutputs:
 
 def cache_key(config: CompileConfig) -> str:
     """Hash of everything a target folder depends on; an unchanged key means the folder is up to date."""
-    import hashlib
-    import json
-
     from .distill.data import source_identity
     from .manifest import sha256_tree
     from .schema import to_dict
@@ -89,14 +86,14 @@ def cache_key(config: CompileConfig) -> str:
         "edgec": package_versions()["edgec"],
         "target": sha256_file(entry.path),
         "teacher": source_identity(config.teacher.path),
-        "student": json.loads((config.student / "edgec_student.json").read_text()).get("weights_sha256")
+        "student": (read_json(config.student / "edgec_student.json") or {}).get("weights_sha256")
         if config.student else None,
         "head": sha256_tree(config.head_data) if config.head_data else None,
         "calibration": sha256_path_or_none(config.calibration.source) if config.calibration else None,
         "golden": sha256_path_or_none(config.golden / "golden.npz") if config.golden else None,
         "config": _settings(to_dict(config)),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(parts)
 
 
 def _settings(config: dict) -> dict:
@@ -124,16 +121,8 @@ def sha256_path_or_none(path: Path) -> str | None:
 
 def up_to_date(config: CompileConfig, key: str) -> dict | None:
     """The existing manifest when ``config.out`` was built from the same inputs and its files are intact."""
-    import json
-
-    path = config.out / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if manifest.get("build", {}).get("cache_key") != key:
+    manifest = read_json(config.out / "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("build", {}).get("cache_key") != key:
         return None
     for art in manifest.get("artifacts", []):
         f = config.out / art["path"]
@@ -544,14 +533,11 @@ def _regated(config: CompileConfig, key: str, log) -> dict | None:
     """Only the gates changed since the folder was built: when the candidates' recorded metrics pick the
     same precision under the new gates, the folder stands (its manifest takes the new gates); when no
     candidate passes them, fail without rebuilding; otherwise None (rebuild)."""
-    import json
-
     from .verify.run import check_gates
 
     path = config.out / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
         return None
     build = manifest.get("build") or {}
     if not build.get("inputs_key") or build["inputs_key"] != cache_key(dataclasses.replace(config, gates=())):

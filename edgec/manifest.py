@@ -50,6 +50,19 @@ def sha256_path(path: str | Path) -> str:
     return sha256_tree(path) if path.is_dir() else sha256_file(path)
 
 
+def sha256_json(obj: Any) -> str:
+    """One hash of a JSON-able record (keys sorted): the cache key of a stage's inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON in ``path``, or None when it is missing or not valid JSON (a cache entry that does not count)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

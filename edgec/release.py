@@ -30,7 +30,8 @@ from xml.sax.saxutils import escape
 from . import registry
 from .config import EdgecConfig, load_config
 from .errors import EXIT_GATE_FAILED, EdgecError, GateFailed, InputError
-from .manifest import atomic_write_json, atomic_write_text, package_versions, sha256_file, sha256_path
+from .manifest import (atomic_write_json, atomic_write_text, package_versions, read_json, sha256_file, sha256_json,
+                       sha256_path)
 
 SCHEMA = 1
 RELEASE_JSON = "release.json"
@@ -92,20 +93,6 @@ class _Stage:
         return cls(stage, name, None, "failed", time.time() - t0, str(out), error=str(exc), exit_code=exc.exit_code)
 
 
-def _hash(obj) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
 
 
 _PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")  # staged_dir's temporary folders (mkdtemp)
@@ -163,9 +150,9 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
     eval_dir = cfg.resolve(cfg.data.eval)
     inputs = {"teacher": source_identity(teacher.path), "eval": tree_sha(eval_dir, memo), "prompts": list(cfg.data.prompts),
               "captions_file": cfg.data.captions, "max_bad_fraction": cfg.data.max_bad_fraction}
-    key = _hash(inputs)
+    key = sha256_json(inputs)
     out = build / "golden"
-    meta = _read_json(out / GOLDEN_JSON)
+    meta = read_json(out / GOLDEN_JSON)
     if meta is not None:
         try:
             same = (meta["teacher"]["sha256"] == inputs["teacher"] and meta["eval"]["sha256"] == inputs["eval"]
@@ -182,7 +169,7 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
     log("golden: computing the teacher's outputs on the eval set" + (" (inputs changed)" if meta else ""))
     build_golden(GoldenConfig(teacher=teacher, eval=eval_dir, out=out, prompts=tuple(cfg.data.prompts),
                               captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction), log=log)
-    return _Stage("golden", "golden", key, "ran", time.time() - t0, str(out), extra={"meta": _read_json(out / GOLDEN_JSON)})
+    return _Stage("golden", "golden", key, "ran", time.time() - t0, str(out), extra={"meta": read_json(out / GOLDEN_JSON)})
 
 
 # ---------------------------------------------------------------- verify
@@ -193,7 +180,7 @@ def _verify_key(folder: Path, manifest: dict, golden_meta: dict, gates: list[str
     files) and what the manifest says about them, the golden set, the gates, the runtimes' versions."""
     files = [(f["path"], f["sha256"]) for f in _files(folder) if f["path"] not in NOT_VERIFY_INPUTS]
     described = {k: manifest.get(k) for k in ("artifacts", "inputs", "outputs", "head", "towers")}
-    return _hash({"files": files, "manifest": described, "golden": golden_meta.get("npz_sha256"), "gates": gates,
+    return sha256_json({"files": files, "manifest": described, "golden": golden_meta.get("npz_sha256"), "gates": gates,
                   "versions": package_versions(*RUNTIME_PACKAGES)})
 
 
@@ -215,7 +202,7 @@ def _verify_stage(target: str, folder: Path, golden: Path, golden_meta: dict, ga
     t0 = time.time()
     manifest = read_manifest(folder)
     key = _verify_key(folder, manifest, golden_meta, gates)
-    report = _read_json(folder / VERIFY_JSON)
+    report = read_json(folder / VERIFY_JSON)
     if report is not None and report.get("cache_key") == key and report.get("results"):
         status = "cached"
     else:
@@ -225,7 +212,7 @@ def _verify_stage(target: str, folder: Path, golden: Path, golden_meta: dict, ga
                 verify(folder, golden, gates)
             except GateFailed:
                 pass  # verify.json holds the failures; release reports them and exits 1
-        report = _read_json(folder / VERIFY_JSON)
+        report = read_json(folder / VERIFY_JSON)
         report["cache_key"] = key
         atomic_write_json(folder / VERIFY_JSON, report)
     shown = []
@@ -401,7 +388,7 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
             "golden": {"path": str(build / "golden"), "key": golden.key, "device": gmeta.get("device"),
                        "images": (gmeta.get("eval") or {}).get("images"), "npz_sha256": gmeta.get("npz_sha256")},
             "students": {n: {"path": str(s.student), "key": s.key, "status": s.status,
-                             "weights_sha256": _read_json(s.student / "edgec_student.json").get("weights_sha256"),
+                             "weights_sha256": read_json(s.student / "edgec_student.json").get("weights_sha256"),
                              "metrics": s.manifest.get("metrics")} for n, s in students.items()},
             "stages": [s.record() for s in stages],
             "sources": {

@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..manifest import atomic_write_json, package_versions, replace_dir, sha256_file, sha256_tree
+from ..manifest import (atomic_write_json, package_versions, read_json, replace_dir, sha256_file, sha256_json,
+                        sha256_tree)
 from ..schema import to_dict
 from . import DistillConfig
 
@@ -79,14 +78,7 @@ def distill_inputs(config: DistillConfig, memo: dict | None = None) -> dict:
 
 
 def inputs_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return sha256_json(inputs)
 
 
 def _intact(out: Path, manifest: dict) -> bool:
@@ -99,7 +91,7 @@ def _intact(out: Path, manifest: dict) -> bool:
 
 def _teacher_preprocess(config: DistillConfig) -> dict | None:
     """The teacher's preprocessing as the student inherits it (from edgec_model.json when it has it)."""
-    meta = _read(Path(config.teacher.path) / "edgec_model.json")
+    meta = read_json(Path(config.teacher.path) / "edgec_model.json")
     if meta and "preprocess" in meta:
         from ..data.preprocess import Preprocess
 
@@ -130,7 +122,7 @@ def _legacy_match(config: DistillConfig, manifest: dict, inputs: dict) -> bool:
 
 def cached_student(config: DistillConfig, inputs: dict, key: str) -> tuple[dict, str] | None:
     """(manifest, 'cached' | 'adopted') when ``config.out`` holds a student made from these inputs."""
-    manifest = _read(config.out / "manifest.json")
+    manifest = read_json(config.out / "manifest.json")
     if manifest is None or not _intact(config.out, manifest):
         return None
     recorded = (manifest.get("cache") or {}).get("key")
@@ -165,10 +157,10 @@ def ensure_student(config: DistillConfig, *, progress: bool = True, log=print, m
         return StudentStage(config.out, config.out / "student", manifest, key, status, time.time() - t0)
 
     work = work_dir(config.out)
-    started = _read(work / KEY_FILE)
+    started = read_json(work / KEY_FILE)
     resume = started is not None and started.get("key") == key and (work / "last").is_dir()
     if resume:
-        epoch = (_read(work / "last" / "trainer_state.json") or {}).get("epoch")
+        epoch = (read_json(work / "last" / "trainer_state.json") or {}).get("epoch")
         log(f"{label}: inputs changed or no student yet; resuming the interrupted run from epoch {epoch}")
     else:
         shutil.rmtree(work, ignore_errors=True)
