@@ -122,26 +122,27 @@ def test_android_tflite_ships_the_fastest_passing_precision(project):
     assert runner.invoke(app, ["verify", str(build / "android-tflite")]).exit_code == 0
 
 
+def _distil_and_compile(tmp_path, shapes_data, target: str) -> dict:
+    """A project whose student is distilled (1 epoch) and compiled for ``target`` (its gates open); the manifest."""
+    config = write_project(tmp_path, shapes_data, extra=f'[gates]\n{target} = ["cosine_mean>=0.0"]\n')
+    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["compile", "--config", str(config), "--target", target, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / "build" / target / "manifest.json").read_text())
+
+
 @pytest.mark.slow
 def test_all_convolution_student_maps_entirely_onto_the_edge_tpu(tmp_path, shapes_data):
     """Constant 4-D conv filters are fine; activations decide. A conv student has no op off the TPU."""
-    config = write_project(tmp_path, shapes_data, extra='[gates]\nedgetpu = ["cosine_mean>=0.0"]\n')
-    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
-    result = runner.invoke(app, ["compile", "--config", str(config), "--target", "edgetpu", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    ops = json.loads((tmp_path / "build" / "edgetpu" / "manifest.json").read_text())["ops"]
+    ops = _distil_and_compile(tmp_path, shapes_data, "edgetpu")["ops"]
     assert ops["float_ops"] == [] and ops["first_unsupported"] is None
     assert ops["mapped_share"] == 1.0 and ops["mapped_in_one_subgraph"] == ops["total"]
 
 
 @pytest.mark.slow
 def test_android_pte_with_the_xnnpack_delegate(tmp_path, shapes_data):
-    config = write_project(tmp_path, shapes_data, extra='[gates]\nandroid = ["cosine_mean>=0.0"]\n')
-    assert runner.invoke(app, ["golden", "--config", str(config)]).exit_code == 0
-    result = runner.invoke(app, ["compile", "--config", str(config), "--target", "android", "--no-progress"])
-    assert result.exit_code == 0, result.output
+    manifest = _distil_and_compile(tmp_path, shapes_data, "android")
     folder = tmp_path / "build" / "android"
-    manifest = json.loads((folder / "manifest.json").read_text())
     (art,) = manifest["artifacts"]
     assert art["format"] == "pte" and art["runtime"] == "executorch" and art["path"].endswith(".pte")
     assert [c["precision"] for c in manifest["selection"]["candidates"]] == ["int8", "fp32"]
