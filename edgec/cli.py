@@ -246,17 +246,11 @@ def golden_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher outputs on the eval set at full precision -> build/golden/ (records the device used)."""
-    import dataclasses as dc
-
     from .config import load_config
     from .verify.golden import GoldenConfig, build_golden, load_golden
 
     cfg = load_config(config)
-    if cfg.model is None or cfg.data.eval is None:
-        raise EdgecError("golden needs [model] path and [data] eval in edgec.toml", hint="add them, see 'edgec init'")
-    gcfg = GoldenConfig(teacher=dc.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=cfg.resolve(cfg.data.eval),
-                        out=out_dir or cfg.resolve(cfg.targets.out) / "golden", prompts=tuple(cfg.data.prompts),
-                        captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
+    gcfg = GoldenConfig.from_edgec(cfg, out=out_dir, device=device)
     with _build_lock(cfg, "edgec golden"):
         path = build_golden(gcfg, log=_logger(as_json))
     if as_json:

@@ -600,10 +600,7 @@ def ensure_golden(cfg: EdgecConfig, target: str, log=print) -> Path:
         from .verify.golden import GoldenConfig, build_golden
 
         log(f"{target}: no golden set yet; computing it first")
-        teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
-        build_golden(GoldenConfig(teacher=teacher, eval=cfg.resolve(cfg.data.eval), out=golden,
-                                  prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions,
-                                  max_bad_fraction=cfg.data.max_bad_fraction), log=log)
+        build_golden(GoldenConfig.from_edgec(cfg, out=golden), log=log)
     return golden
 
 

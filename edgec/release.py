@@ -143,15 +143,11 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
     from .verify.golden import GOLDEN_JSON, GOLDEN_NPZ, GoldenConfig, build_golden
 
     t0 = time.time()
-    if cfg.model is None or cfg.data.eval is None:
-        raise InputError("release needs [model] path and [data] eval in edgec.toml (the golden set)",
-                         hint="add them, see 'edgec init'")
-    teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
-    eval_dir = cfg.resolve(cfg.data.eval)
-    inputs = {"teacher": source_identity(teacher.path), "eval": tree_sha(eval_dir, memo), "prompts": list(cfg.data.prompts),
-              "captions_file": cfg.data.captions, "max_bad_fraction": cfg.data.max_bad_fraction}
-    key = sha256_json(inputs)
     out = build / "golden"
+    gcfg = GoldenConfig.from_edgec(cfg, out=out)
+    inputs = {"teacher": source_identity(gcfg.teacher.path), "eval": tree_sha(gcfg.eval, memo), "prompts": list(gcfg.prompts),
+              "captions_file": gcfg.captions_file, "max_bad_fraction": gcfg.max_bad_fraction}
+    key = sha256_json(inputs)
     meta = read_json(out / GOLDEN_JSON)
     if meta is not None:
         try:
@@ -167,8 +163,7 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
             log("golden: from cache")
             return _Stage("golden", "golden", key, "cached", time.time() - t0, str(out), extra={"meta": meta})
     log("golden: computing the teacher's outputs on the eval set" + (" (inputs changed)" if meta else ""))
-    build_golden(GoldenConfig(teacher=teacher, eval=eval_dir, out=out, prompts=tuple(cfg.data.prompts),
-                              captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction), log=log)
+    build_golden(gcfg, log=log)
     return _Stage("golden", "golden", key, "ran", time.time() - t0, str(out), extra={"meta": read_json(out / GOLDEN_JSON)})
 
 

@@ -411,9 +411,7 @@ def config_from_edgec(cfg: EdgecConfig, *, backends: tuple[str, ...] = BACKENDS,
         from ..verify.golden import GoldenConfig, build_golden
 
         log("quantize: no golden set yet; computing it first")
-        build_golden(GoldenConfig(teacher=teacher, eval=cfg.resolve(cfg.data.eval), out=golden,
-                                  prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions,
-                                  max_bad_fraction=cfg.data.max_bad_fraction), log=log)
+        build_golden(GoldenConfig.from_edgec(cfg, out=golden), log=log)
     calibration = CalibrationSpec(cfg.resolve(cfg.calibration.path), cfg.calibration.num_images, cfg.calibration.min_images,
                                   cfg.calibration.seed, cfg.data.max_bad_fraction)
     qcfg = QuantizeConfig(out=out or build / "quantize", teacher=teacher, calibration=calibration,

@@ -36,6 +36,19 @@ class GoldenConfig:
     max_bad_fraction: float = 0.05
     device: str = "auto"
 
+    @classmethod
+    def from_edgec(cls, cfg, *, out: Path | None = None, device: str = "auto") -> GoldenConfig:
+        """The golden set edgec.toml describes (teacher, [data] eval, prompts, captions), in ``<build>/golden``."""
+        import dataclasses
+
+        from ..errors import InputError
+
+        if cfg.model is None or cfg.data.eval is None:
+            raise InputError("the golden set needs [model] path and [data] eval in edgec.toml", hint="add them, see 'edgec init'")
+        return cls(teacher=dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=cfg.resolve(cfg.data.eval),
+                   out=out or cfg.resolve(cfg.targets.out) / "golden", prompts=tuple(cfg.data.prompts),
+                   captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
+
 
 @dataclass
 class Golden:
