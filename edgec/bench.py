@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import InputError
 from .manifest import atomic_write_json, read_manifest
+from .runtime.isa import host_isa
 
 
 def _stats(times_ms: list[float]) -> dict:
@@ -50,7 +51,7 @@ def measure_artifact(path: Path, runtime: str, shape: list[int], threads: int, r
     """In this process: one artifact's timings (numpy + runtime only)."""
     from .runtime.runners import open_runner
 
-    runner = open_runner(path, runtime, threads)
+    runner = open_runner(path, runtime, threads, kernels="host")  # timed as this CPU runs it, fused int8 kernels included
     x = np.random.default_rng(0).standard_normal([1, *shape[1:]]).astype(np.float32)
     result = _stats(_time(runner, x, runs, warmup))
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -110,7 +111,8 @@ def bench(folder: str | Path, *, runs: int = 50, warmup: int = 10, threads: int 
         log(f"teacher {teacher['name']} (eager PyTorch fp32): median {teacher['median_ms']} ms, peak {teacher['peak_rss_mb']} MB")
     report = {"schema": 1, "target": manifest.get("target"), "folder": str(folder), "input_shape": shape,
               "threads": threads, "runs": runs, "warmup": warmup, "results": results, "teacher": teacher,
-              "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}}
+              "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                          "isa": host_isa().record()}}
     atomic_write_json(folder / "bench.json", report)
     return report
 

@@ -77,4 +77,7 @@ def diagnose() -> dict:
 
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     notes = ["ExecuTorch's Python runtime imports torch: verifying .pte artifacts needs torch installed."]
-    return {"packages": packages, "tools": tools, "targets": targets, "cuda": cuda, "notes": notes}
+    from .runtime.isa import host_isa
+
+    return {"packages": packages, "tools": tools, "targets": targets, "cuda": cuda, "isa": host_isa().record(),
+            "notes": notes}

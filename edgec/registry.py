@@ -83,6 +83,9 @@ class DeviceSpec:
     memory_bandwidth_gbs: float | None = doc(None, help="published memory bandwidth, GB/s")
     cpu: str | None = doc(None, help="CPU cores")
     runtimes: dict[str, str] = doc(help="runtime versions shipped for it, e.g. { tensorrt = \"10.3\" }", factory=dict)
+    arch: str | None = doc(None, help="CPU architecture the runtime runs on: x86_64 or aarch64")
+    isa: list[str] = doc(help="CPU instruction-set flags as /proc/cpuinfo names them, e.g. [\"avx2\", \"avx512_vnni\"] "
+                              "or [\"asimd\", \"asimddp\"]: decides which int8 form is exact there", factory=list)
     source: str = doc("", help="where the figures come from")
     version: int = doc(1, help="schema version")
 

@@ -50,10 +50,11 @@ class QdqQuantizer:
 
     def __init__(self, fp32: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
                  op_types: tuple[str, ...] = DEFAULT_OP_TYPES, batch_size: int = 16, trt_version: int = 100300,
-                 activations: str = "symmetric") -> None:
+                 activations: str = "symmetric", reduce_range: bool = False) -> None:
         if activations not in ACTIVATIONS:
             raise InputError(f"unknown activation form {activations!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
         self.activations = activations
+        self.reduce_range = reduce_range  # 7-bit weights: exact in onnxruntime's x86 kernels without VNNI (runtime/isa.py)
         onnx = require_module("onnx", install="onnx", purpose="ONNX quantization")
         ort = require_module("onnxruntime", install="onnxruntime", purpose="ONNX quantization")
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -107,7 +108,7 @@ class QdqQuantizer:
             data = {n: TensorData(lowest=np.float32(-a), highest=np.float32(a)) for n, a in self.amax.items()}
         else:
             data = {n: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for n, (lo, hi) in self.bounds.items()}
-        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        quantizer = QDQQuantizer(model, True, self.reduce_range, QuantType.QInt8, QuantType.QInt8 if symmetric else QuantType.QUInt8,
                                  TensorsData(CalibrationMethod.MinMax, data), None, list(exclude_nodes) or None,
                                  list(self.op_types), {"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         quantizer.quantize_model()
@@ -124,6 +125,8 @@ class QdqQuantizer:
 
 def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
                   op_types: tuple[str, ...] = DEFAULT_OP_TYPES, exclude_nodes: tuple[str, ...] = (),
-                  batch_size: int = 16, trt_version: int = 100300, activations: str = "symmetric") -> QuantizedOnnx:
+                  batch_size: int = 16, trt_version: int = 100300, activations: str = "symmetric",
+                  reduce_range: bool = False) -> QuantizedOnnx:
     return QdqQuantizer(fp32, calib, method=method, percentile=percentile, op_types=op_types, batch_size=batch_size,
-                        trt_version=trt_version, activations=activations).quantize(out, exclude_nodes=exclude_nodes)
+                        trt_version=trt_version, activations=activations,
+                        reduce_range=reduce_range).quantize(out, exclude_nodes=exclude_nodes)

@@ -145,7 +145,7 @@ class OnnxProgram:
 
         path = Path(self._tmp.name) / "candidate.onnx"
         self.write(path, keep_float, only)
-        return OnnxRunner(path)
+        return OnnxRunner(path, runtime="tensorrt")  # TensorRT's form: Q/DQ as written, not this host's int8 kernels
 
 
 LITERT_LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL")

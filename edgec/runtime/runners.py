@@ -22,19 +22,57 @@ def onnx_providers(runtime: str, available: list[str]) -> list:
     return [*providers, "CPUExecutionProvider"]
 
 
+QDQ_AS_WRITTEN = "Q/DQ executed as written (graph optimisations off: dequantize, float op, quantize)"
+
+
+def has_qdq(path: Path) -> bool:
+    """Whether an .onnx file holds QuantizeLinear nodes (read without the onnx package: the op name is in the bytes)."""
+    with open(path, "rb") as f:
+        return b"QuantizeLinear" in f.read()
+
+
+def session_options(threads: int | None, kernels: str):
+    """onnxruntime session options for ``kernels`` "host" (as deployed) or "reference" (Q/DQ as written)."""
+    import onnxruntime as ort
+
+    if kernels not in ("host", "reference"):
+        raise InputError(f"unknown kernel choice {kernels!r}", hint="host or reference")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if kernels == "reference":
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
 class OnnxRunner:
-    def __init__(self, path: Path, threads: int | None = None, runtime: str = "onnxruntime") -> None:
+    """onnxruntime on one .onnx artifact.
+
+    ``kernels="host"`` runs it as onnxruntime on this CPU would (graph optimisations on: Q/DQ pairs fused into
+    the host's int8 kernels, whose results depend on the ISA: see :mod:`edgec.runtime.isa`).
+    ``kernels="reference"`` turns graph optimisations off, so each Q/DQ node runs as written; the only
+    arithmetic left is float, and the result does not depend on the host's integer kernels. That is the
+    stand-in for TensorRT, which executes the same Q/DQ graph with int32 accumulation, when no TensorRT is here.
+    ``kernels="auto"``: the reference for a TensorRT artifact that no TensorRT provider can run, else host."""
+
+    def __init__(self, path: Path, threads: int | None = None, runtime: str = "onnxruntime",
+                 kernels: str = "auto") -> None:
         ort = require_module("onnxruntime", install="onnxruntime", purpose="running an .onnx artifact")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        providers = onnx_providers(runtime, ort.get_available_providers())
+        if kernels == "auto":
+            on_cpu = providers[0] == "CPUExecutionProvider"
+            kernels = "reference" if runtime == "tensorrt" and on_cpu and has_qdq(path) else "host"
+        if kernels == "reference":
+            providers = ["CPUExecutionProvider"]
+        opts = session_options(threads, kernels)
+        self.kernels = kernels
         try:
-            self.session = ort.InferenceSession(str(path), opts,
-                                                providers=onnx_providers(runtime, ort.get_available_providers()))
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             raise InputError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}",
                              hint="the file is truncated or corrupt; compile the target again") from None
-        self.executed_by = f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}"
+        self.executed_by = f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}" + (
+            f", {QDQ_AS_WRITTEN}" if kernels == "reference" else "")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = None if not isinstance(inp.shape[0], int) else inp.shape[0]
@@ -123,9 +161,9 @@ class ExecuTorchRunner:
         return np.concatenate(outs).astype(np.float32)
 
 
-def open_runner(path: Path, runtime: str, threads: int | None = None):
+def open_runner(path: Path, runtime: str, threads: int | None = None, *, kernels: str = "auto"):
     if runtime in ("onnxruntime", "tensorrt") and path.suffix == ".onnx":
-        return OnnxRunner(path, threads, runtime)
+        return OnnxRunner(path, threads, runtime, kernels)
     if runtime == "litert":
         return LiteRTRunner(path, threads)
     if runtime == "executorch":

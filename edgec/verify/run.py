@@ -15,6 +15,7 @@ from PIL import Image
 from ..data.preprocess import Preprocess
 from ..errors import GateFailed, InputError
 from ..manifest import atomic_write_json, atomic_write_text, read_manifest, sha256_file
+from ..runtime.isa import host_isa
 from ..runtime.runners import open_runner
 from .gates import parse_gate
 from .golden import Golden, load_golden
@@ -106,8 +107,14 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
                     zero_shot_predictions(emb, text["class_embeddings"]),
                     zero_shot_predictions(golden.image_embeddings, golden.text_embeddings))
         gate_results = check_gates(metrics, exprs)
+        host = None
+        if getattr(runner, "kernels", None) == "reference":  # a TensorRT Q/DQ model on a CPU: the host's int8 kernels too
+            host_runner = open_runner(_checked(folder, art), art["runtime"], threads, kernels="host")
+            host = {"executed_by": host_runner.executed_by, "metrics": compute_metrics(host_runner(x), golden),
+                    "note": "the same file in this host's fused int8 kernels (their results depend on the ISA: see "
+                            "host_isa); reported, not gated"}
         results.append({"artifact": art["path"], "precision": art.get("precision"), "runtime": art["runtime"],
-                        "executed_by": getattr(runner, "executed_by", art["runtime"]),
+                        "executed_by": getattr(runner, "executed_by", art["runtime"]), "host_kernels": host,
                         "metrics": metrics, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
                         "seconds": round(seconds, 2), "per_image": per_image(emb, golden)})
     logits = None
@@ -122,7 +129,7 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
             r["gates"] = check_gates(r["metrics"], exprs)
             r["passed"] = all(g["passed"] for g in r["gates"])
     report = {"schema": 1, "target": manifest.get("target"), "folder": str(folder), "golden": str(golden_dir),
-              "golden_device": golden.meta.get("device"), "results": results,
+              "golden_device": golden.meta.get("device"), "host_isa": host_isa().record(), "results": results,
               "text": None if text is None else {k: v for k, v in text.items() if k != "class_embeddings"},
               "zero_shot": logits, "passed": all(r["passed"] for r in results)}
     atomic_write_json(folder / "verify.json", report)

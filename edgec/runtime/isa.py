@@ -1,0 +1,92 @@
+"""The CPU's instruction set as it bears on int8 inference (numpy-free, torch-free).
+
+onnxruntime's x86 int8 kernels multiply uint8 activations by int8 weights. With VNNI
+(``vpdpbusd``, AVX-512 VNNI or AVX-VNNI) products accumulate in int32 and the result is exact.
+Without VNNI (plain AVX2 or AVX-512) they use ``vpmaddubsw``, which adds two adjacent u8*s8
+products into an int16 *with saturation*: 255*127*2 = 64,770 does not fit in 32,767, so the
+result depends on the weights, the activations and the CPU that runs them. Weights limited to
+7 bits ([-64, 63]) keep every pair within 255*64*2 = 32,640: exact on every x86 CPU.
+Arm kernels (NEON, with or without the dot-product extension) accumulate in 32 bits.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+X86_VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+# flags worth printing, in the order a reader looks for them
+REPORTED = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+            "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")
+
+
+@dataclass(frozen=True)
+class Isa:
+    arch: str                  # x86_64, aarch64, ...
+    flags: tuple[str, ...]     # the REPORTED flags present
+    model: str = ""            # CPU model name where the OS says it
+
+    @property
+    def family(self) -> str:
+        return "x86" if self.arch in ("x86_64", "amd64", "i686", "x86") else (
+            "arm" if self.arch.startswith(("aarch64", "arm")) else self.arch)
+
+    @property
+    def vnni(self) -> bool:
+        return any(f in self.flags for f in X86_VNNI)
+
+    @property
+    def int8_kernels(self) -> str:
+        """How onnxruntime multiplies int8 here, in words a reader can check against its docs."""
+        if self.family == "x86":
+            if self.vnni:
+                return "VNNI (vpdpbusd, int32 accumulation: exact)"
+            if "avx2" in self.flags or "avx512f" in self.flags:
+                return "AVX2/AVX-512 without VNNI (vpmaddubsw, int16 pairs saturate with 8-bit weights)"
+            return "SSE (no AVX2)"
+        if self.family == "arm":
+            return "NEON dot product (int32 accumulation: exact)" if "asimddp" in self.flags else \
+                "NEON (widening multiply, int32 accumulation: exact)"
+        return "unknown"
+
+    @property
+    def u8s8_exact(self) -> bool:
+        """Whether onnxruntime's uint8 x int8 kernels give the exact integer result with full 8-bit weights."""
+        return self.family != "x86" or self.vnni
+
+    def record(self) -> dict:
+        return {**asdict(self), "flags": list(self.flags), "int8_kernels": self.int8_kernels,
+                "u8s8_exact": self.u8s8_exact}
+
+    def __str__(self) -> str:
+        return f"{self.arch} [{' '.join(self.flags) or 'no SIMD flags found'}]: {self.int8_kernels}"
+
+
+def parse_cpuinfo(text: str, arch: str) -> Isa:
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features"):
+            flags.update(value.split())
+        elif key in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+    return Isa(arch=arch, flags=tuple(f for f in REPORTED if f in flags), model=model)
+
+
+def host_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> Isa:
+    """This machine's ISA (Linux reads /proc/cpuinfo; elsewhere only the architecture is known)."""
+    arch = platform.machine().lower() or "unknown"
+    try:
+        return parse_cpuinfo(cpuinfo.read_text(errors="replace"), arch)
+    except OSError:
+        return Isa(arch=arch, flags=())
+
+
+def target_isa(flags: list[str] | tuple[str, ...] | None, arch: str | None) -> Isa | None:
+    """A device profile's ISA (``isa = [...]``, ``arch = "..."`` in devices/*.toml); None when it names none."""
+    if not flags and not arch:
+        return None
+    return Isa(arch=(arch or "unknown").lower(), flags=tuple(f for f in REPORTED if f in set(flags or ())))
