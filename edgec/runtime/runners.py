@@ -135,6 +135,20 @@ def edgetpu_delegate(mod, path: Path):
                  "model.int8.tflite beside it on the CPU") from None
 
 
+def set_executorch_threads(threads: int | None) -> int | None:
+    """Size ExecuTorch's (process-wide) thread pool, as onnxruntime's and LiteRT's are sized per session; returns
+    the pool's size (None where this ExecuTorch has no pool API)."""
+    try:
+        from executorch.extension.pybindings import portable_lib
+    except ImportError:
+        return None
+    get = getattr(portable_lib, "_threadpool_get_thread_count", None)
+    reset = getattr(portable_lib, "_unsafe_reset_threadpool", None)
+    if threads and reset is not None and get is not None and get() != threads:
+        reset(int(threads))
+    return get() if get is not None else None
+
+
 class ExecuTorchRunner:
     """ExecuTorch's Python runtime (it imports torch: .pte verification needs torch installed)."""
 
@@ -148,7 +162,8 @@ class ExecuTorchRunner:
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"ExecuTorch cannot load {path}: {str(exc).splitlines()[0][:200]}",
                              hint="the file is truncated or corrupt; compile the target again") from None
-        self.executed_by = "executorch (XNNPACK, portable kernels)"
+        self.threads = set_executorch_threads(threads)
+        self.executed_by = f"executorch (XNNPACK, portable kernels), {self.threads} thread(s)"
         meta = str(getattr(self.method, "metadata", ""))  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, ...
         self.batch = 1 if "sizes=[1," in meta else None
 

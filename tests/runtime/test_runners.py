@@ -33,6 +33,18 @@ def test_executorch_runner_matches_eager(tiny_pte, torch):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_executorch_runner_sizes_the_thread_pool(tiny_pte):
+    from executorch.extension.pybindings import portable_lib
+
+    path, _ = tiny_pte
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    one = open_runner(path, "executorch", threads=1)
+    assert one.threads == 1 and portable_lib._threadpool_get_thread_count() == 1 and "1 thread(s)" in one.executed_by
+    two = open_runner(path, "executorch", threads=2)
+    assert two.threads == 2 and portable_lib._threadpool_get_thread_count() == 2
+    np.testing.assert_allclose(one(x), two(x), atol=1e-5)
+
+
 def test_truncated_pte_is_an_input_error(tiny_pte, tmp_path):
     path, _ = tiny_pte
     bad = tmp_path / "bad.pte"
