@@ -26,6 +26,7 @@ class Isa:
     arch: str                  # x86_64, aarch64, ...
     flags: tuple[str, ...]     # the REPORTED flags present
     model: str = ""            # CPU model name where the OS says it
+    ghz: float | None = None   # the clock the OS reports (/proc/cpuinfo "cpu MHz"; a VM reports its nominal clock)
 
     @property
     def family(self) -> str:
@@ -55,6 +56,48 @@ class Isa:
         """Whether onnxruntime's uint8 x int8 kernels give the exact integer result with full 8-bit weights."""
         return self.family != "x86" or self.vnni
 
+    def peak_macs_per_cycle(self, precision: str) -> tuple[int, str]:
+        """Upper bound of multiply-accumulates per cycle and core for ``fp32`` or ``int8``, from the ISA alone,
+        with the assumption it rests on (two vector FMA / multiply ports, as on most server and desktop cores;
+        parts with one 512-bit port reach half of the AVX-512 figures)."""
+        f = set(self.flags)
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
+        if self.family == "x86":
+            if precision == "fp32":
+                if "avx512f" in f:
+                    return 32, "AVX-512 FMA: 2 ports x 16 fp32 lanes"
+                if "fma" in f:
+                    return 16, "AVX2 FMA: 2 ports x 8 fp32 lanes"
+                return 8, "SSE/AVX without FMA: 2 ports x 4 lanes (mul + add)"
+            if "amx_int8" in f:
+                return 1024, "AMX TMUL: 1,024 int8 MACs per cycle"
+            if "avx512_vnni" in f:
+                return 128, "AVX-512 VNNI vpdpbusd: 2 ports x 64 u8*s8 MACs"
+            if "avx_vnni" in f:
+                return 64, "AVX-VNNI vpdpbusd (256-bit): 2 ports x 32 MACs"
+            if "avx512bw" in f:
+                return 128, "AVX-512BW vpmaddubsw: 2 ports x 64 u8*s8 products (int16 pairs, then vpmaddwd)"
+            if "avx2" in f:
+                return 64, "AVX2 vpmaddubsw: 2 ports x 32 u8*s8 products (int16 pairs, then vpmaddwd)"
+            return 16, "SSE4 pmaddubsw: 16 products"
+        if self.family == "arm":
+            if precision == "fp32":
+                return 8, "NEON FMA: 2 pipes x 4 fp32 lanes"
+            if "i8mm" in f:
+                return 64, "NEON i8mm smmla: 2 pipes x 32 MACs"
+            if "asimddp" in f:
+                return 32, "NEON sdot: 2 pipes x 16 MACs"
+            return 16, "NEON widening multiply-accumulate"
+        return 1, "unknown architecture: one MAC per cycle"
+
+    def peak_gmacs(self, precision: str, threads: int = 1, ghz: float | None = None) -> dict:
+        """Peak GMAC/s for ``threads`` cores at ``ghz`` (default: the clock the OS reports)."""
+        per_cycle, basis = self.peak_macs_per_cycle(precision)
+        ghz = ghz if ghz is not None else self.ghz
+        return {"precision": precision, "threads": threads, "ghz": ghz, "macs_per_cycle": per_cycle, "basis": basis,
+                "gmacs": None if not ghz else round(per_cycle * ghz * threads, 1)}
+
     def record(self) -> dict:
         return {**asdict(self), "flags": list(self.flags), "int8_kernels": self.int8_kernels,
                 "u8s8_exact": self.u8s8_exact}
@@ -66,6 +109,7 @@ class Isa:
 def parse_cpuinfo(text: str, arch: str) -> Isa:
     flags: set[str] = set()
     model = ""
+    ghz: float | None = None
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -73,7 +117,12 @@ def parse_cpuinfo(text: str, arch: str) -> Isa:
             flags.update(value.split())
         elif key in ("model name", "cpu model", "hardware") and not model:
             model = value.strip()
-    return Isa(arch=arch, flags=tuple(f for f in REPORTED if f in flags), model=model)
+        elif key == "cpu mhz" and ghz is None:
+            try:
+                ghz = round(float(value) / 1000.0, 3) or None
+            except ValueError:
+                pass
+    return Isa(arch=arch, flags=tuple(f for f in REPORTED if f in flags), model=model, ghz=ghz)
 
 
 def host_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> Isa:

@@ -31,6 +31,20 @@ def test_cpuinfo_parsing_and_what_it_means_for_int8():
     assert record["u8s8_exact"] is False and record["flags"] == list(zen3.flags)
 
 
+def test_peak_rates_follow_the_isa():
+    zen3 = parse_cpuinfo(ZEN3 + "cpu MHz : 2450.000\n", "x86_64")
+    assert zen3.ghz == 2.45
+    int8, fp32 = zen3.peak_gmacs("int8"), zen3.peak_gmacs("fp32", threads=2)
+    assert int8["macs_per_cycle"] == 64 and int8["gmacs"] == 156.8  # the ~150 GMAC/s per core of an AVX2 Zen 3
+    assert fp32["macs_per_cycle"] == 16 and fp32["gmacs"] == 78.4
+    spr = parse_cpuinfo(SAPPHIRE, "x86_64")
+    assert spr.peak_macs_per_cycle("int8")[0] == 1024 and spr.peak_gmacs("int8")["gmacs"] is None  # no clock given
+    a76 = parse_cpuinfo(CORTEX_A76, "aarch64")
+    assert a76.peak_macs_per_cycle("int8")[0] == 32 and a76.peak_macs_per_cycle("fp32")[0] == 8
+    with pytest.raises(ValueError):
+        zen3.peak_macs_per_cycle("int4")
+
+
 def test_this_host_is_detected():
     isa = host_isa()
     assert isa.arch and isa.record()["int8_kernels"] != ""
