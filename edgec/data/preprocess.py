@@ -7,6 +7,8 @@ from the ones it was calibrated on.
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -125,14 +127,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` as RGB; :class:`InputError` when it is missing or not an image."""
-    path = Path(path)
+# Pillow's default limit: an image with more pixels is refused as a likely decompression bomb
+# (a small file that expands to gigabytes), before its pixels are decoded.
+MAX_PIXELS = 89_478_485
+
+
+def load_image(path: str | Path | bytes, *, name: str | None = None) -> Image.Image:
+    """Decode ``path`` (or the encoded bytes of an image, ``name`` saying where they came from) as RGB;
+    :class:`InputError` when it is missing, not an image, or a decompression bomb."""
+    where = name or str(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else Path(path)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise InputError(f"refused image {where}: {img.width}x{img.height} pixels is over the "
+                                     f"{MAX_PIXELS:,}-pixel limit (decompression bomb?)",
+                                     hint="resize it below the limit, or remove it")
+                img.load()
+                return to_rgb(img)
     except FileNotFoundError:
-        raise InputError(f"image not found: {path}", hint="check the path in your data folder") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"cannot decode image {path}: {exc}", hint="re-export it as PNG or JPEG, or remove it") from None
+        raise InputError(f"image not found: {where}", hint="check the path in your data folder") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"refused image {where}: {exc}", hint="resize it below the limit, or remove it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise InputError(f"cannot decode image {where}: {exc}", hint="re-export it as PNG or JPEG, or remove it") from None

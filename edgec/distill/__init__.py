@@ -69,46 +69,92 @@ class DistillOutputs:
     manifest: dict
 
 
-def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, log=print) -> DistillOutputs:
+def prepare_split(teacher, source, *, role: str, prompts: list[str], cache_root: Path, preprocess, views: int = 1,
+                  seed: int = 0, augment: str = "none", workers: int = 0, max_bad_fraction: float = 0.05,
+                  device=None, dist=None, progress: bool = False, log=print, source_id: str | None = None):
+    """The teacher's targets for ``source`` (computed into the chunked cache, or read from it) and the
+    student's view of its images: a trainer :class:`~edgec.distill.trainer.Split`."""
+    from ..data.loader import RowImages
+    from ..data.sources import FOLDER_PART, FolderSource
+    from .cache import CacheRows, build_teacher_cache, cache_key
+    from .data import teacher_identity
+    from .ddp import Dist
+    from .trainer import Split
+
+    dist = dist or Dist()
+    sid = source_id or source.identity()
+    key = cache_key(teacher_identity(teacher), sid, teacher.preprocess, prompts, views=views, seed=seed, augment=augment,
+                    part_size=FOLDER_PART if isinstance(source, FolderSource) else None)
+    res = build_teacher_cache(teacher, source, prompts=prompts, folder=cache_root / f"teacher-{key}", views=views,
+                              seed=seed, augment=augment, workers=workers, device=device, rank=dist.rank,
+                              world=dist.world, progress=progress and dist.main)
+    rows = CacheRows(res.folder)
+    final = rows.final
+    if final["bad"] > max_bad_fraction * final["samples"]:
+        raise InputError(f"{final['bad']} of {final['samples']} images in {source.name} could not be decoded "
+                         f"(first: {final['first_bad']})", hint=f"fix or remove them; up to {max_bad_fraction:.0%} are skipped")
+    if not len(rows):
+        raise InputError(f"no decodable images in {source.name}")
+    if dist.main:
+        bad = ""
+        if final["bad"]:
+            per = final["bad_per_part"]
+            shown = ", ".join(f"{k}: {v}" for k, v in list(per.items())[:5]) + (", ..." if len(per) > 5 else "")
+            bad = f", {final['bad']} undecodable skipped ({shown})"
+        how = ("teacher outputs from cache" if res.computed == 0 else "teacher outputs computed and cached"
+               if res.cached == 0 else f"teacher outputs: {res.cached} chunks from cache, {res.computed} computed")
+        log(f"{role}: {len(rows)} images from {source.name}{bad} ({how})")
+    images = RowImages(source, rows.refs, rows.positions, preprocess, views=views, seed=seed, augment=augment)
+    return Split(rows, images), sid
+
+
+def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, log=print,
+        max_steps: int | None = None, inputs: dict | None = None) -> DistillOutputs:
+    """Distil (``inputs``: the stage's inputs record, written into the manifest with its key so that
+    ``edgec compile`` reuses this student; computed when not given)."""
     import torch
 
-    from ..data.folder import load_rgb, read_folder
+    from ..data.loader import default_workers
+    from ..data.sources import open_source
     from ..models import load_model
     from ..models.base import count_macs, count_params
     from ..models.student import StudentSpec, check_student_name, create_student
-    from .data import folder_identity, teacher_identity, teacher_targets
+    from .data import teacher_identity
     from .ddp import Dist
-    from .trainer import resolve_device, to_split, train
+    from .stage import distill_inputs, inputs_key
+    from .trainer import resolve_device, train
 
     t0 = time.time()
     check_student_name(config.student)
+    inputs = inputs if inputs is not None else distill_inputs(config)
     teacher = load_model(config.teacher.path, config.teacher.kind, arch=config.teacher.arch,
                          trust_pickle=config.teacher.trust_pickle)
     spec = StudentSpec(config.student, teacher.embed_dim,
                        teacher.preprocess.with_size(config.image_size) if config.image_size else teacher.preprocess)
-    device = resolve_device(config.params.device, Dist.from_env())
+    dist = Dist.from_env()
+    device = resolve_device(config.params.device, dist)
     teacher.to(device)
+    workers = default_workers() if config.params.workers is None else config.params.workers
+    cache_root = config.cache or config.out / ".teacher-cache"
 
     prompts = list(config.prompts)
     splits = {}
     for role, path in (("train", config.train), ("eval", config.eval)):
         if path is None:
             continue
-        folder = read_folder(path, config.captions_file)
-        fid = folder_identity(folder)
-        targets = teacher_targets(teacher, folder, prompts=prompts, cache_dir=config.cache,
-                                  max_bad_fraction=config.max_bad_fraction, folder_id=fid)
-        log(f"{role}: {len(targets.kept)} images from {path}" + (f", {targets.bad} undecodable skipped" if targets.bad else "")
-            + (" (teacher outputs from cache)" if targets.cached else " (teacher outputs computed and cached)"))
-        pixels = load_rgb(folder, spec.preprocess, indices=targets.kept, max_bad_fraction=1.0).pixels
-        splits[role] = (to_split(pixels, targets.image, targets.label_ids, targets.captions, targets.caption_index),
-                        targets, fid)
-    train_split, train_targets, train_id = splits["train"]
+        source = open_source(path, config.captions_file)
+        views = config.params.teacher_views if role == "train" else 1
+        splits[role] = prepare_split(teacher, source, role=role, prompts=prompts, cache_root=cache_root,
+                                     preprocess=spec.preprocess, views=views, seed=config.params.seed,
+                                     augment=config.augment, workers=workers, max_bad_fraction=config.max_bad_fraction,
+                                     device=device, dist=dist, progress=progress, log=log,
+                                     source_id=inputs.get(role))
+    train_split, train_id = splits["train"]
     eval_split = splits["eval"][0] if "eval" in splits else None
-    class_text_np = (splits.get("eval") or splits["train"])[1].class_text
+    class_text_np = (eval_split or train_split).rows.class_text
     class_text = torch.from_numpy(class_text_np).float() if class_text_np is not None else None
     params = config.params
-    if params.losses.contrastive_text and train_split.captions is None:
+    if params.losses.contrastive_text and not train_split.rows.has_captions:
         try:
             params = dataclasses.replace(params, losses=dataclasses.replace(params.losses, contrastive_text=0.0))
         except ValueError:
@@ -123,7 +169,8 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
     teacher.to("cpu")
 
     result = train(spec, params, train_split, eval_split, class_text, logit_scale=teacher.logit_scale,
-                   out=config.out, augment_mode=config.augment, resume=resume, progress=progress, extra=extra, log=log)
+                   out=config.out, augment_mode=config.augment, resume=resume, progress=progress, extra=extra, log=log,
+                   max_steps=max_steps)
 
     student_dir = config.out / "student"
     probe = create_student(spec)
@@ -135,10 +182,12 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
                     "path": "student"},
         "teacher": {**extra["teacher"], "image_params": teacher.params()["image"],
                     "image_macs": count_macs(teacher.image_encoder, torch.zeros(1, 3, *teacher.preprocess.size))},
-        "data": {"train": str(config.train), "train_sha256": train_id, "train_images": len(train_split.pixels),
+        "data": {"train": str(config.train), "train_sha256": train_id, "train_images": len(train_split),
+                 "train_undecodable": train_split.rows.final["bad"],
                  "eval": str(config.eval) if config.eval else None,
-                 "eval_sha256": splits["eval"][2] if "eval" in splits else None},
-        "config": {**to_dict(params), "augment": config.augment, "prompts": prompts},
+                 "eval_sha256": splits["eval"][1] if "eval" in splits else None},
+        "config": {**to_dict(config.params), "augment": config.augment, "prompts": prompts},
+        "losses_used": to_dict(params.losses),
         "metrics": {k: v for k, v in result.best.items()},
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
@@ -150,6 +199,7 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "versions": package_versions("torch", "timm"),
     }
+    manifest["cache"] = {"key": inputs_key(inputs), "inputs": inputs}
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         manifest["artifacts"] = [file_record(p, config.out) for p in sorted(student_dir.iterdir())]
         atomic_write_json(config.out / "manifest.json", manifest)

@@ -55,6 +55,27 @@ def tree_sha(path: Path, memo: dict | None = None) -> str:
     return value
 
 
+def data_sha(spec, captions_file: str = "captions.jsonl", memo: dict | None = None) -> str:
+    """The identity of a training or eval set: a folder's tree hash (see :func:`tree_sha`), or the
+    hash of the shards or listed files it names."""
+    from ..data.shards import is_shard_spec
+
+    if not is_shard_spec(spec) and Path(spec).is_dir():
+        return tree_sha(Path(spec), memo)
+    from ..data.sources import open_source
+
+    key = f"source:{spec}"
+    if memo is not None and key in memo:
+        return memo[key]
+    value = open_source(spec, captions_file).identity()
+    if memo is not None:
+        memo[key] = value
+    return value
+
+
+NOT_IN_KEY = ("workers",)  # settings that cannot change the trained weights
+
+
 def distill_inputs(config: DistillConfig, memo: dict | None = None) -> dict:
     """Everything the distilled student depends on (no torch import: cheap enough for every run)."""
     from .data import source_identity
@@ -66,9 +87,9 @@ def distill_inputs(config: DistillConfig, memo: dict | None = None) -> dict:
         "teacher_arch": Path(config.teacher.arch).name if config.teacher.arch else None,
         "student": config.student,
         "image_size": config.image_size,
-        "train": tree_sha(config.train, memo),
-        "eval": tree_sha(config.eval, memo) if config.eval else None,
-        "params": to_dict(config.params),
+        "train": data_sha(config.train, config.captions_file, memo),
+        "eval": data_sha(config.eval, config.captions_file, memo) if config.eval else None,
+        "params": {k: v for k, v in to_dict(config.params).items() if k not in NOT_IN_KEY},
         "augment": config.augment,
         "prompts": list(config.prompts),
         "captions_file": config.captions_file,
@@ -79,6 +100,30 @@ def distill_inputs(config: DistillConfig, memo: dict | None = None) -> dict:
 
 def inputs_key(inputs: dict) -> str:
     return sha256_json(inputs)
+
+
+def changed_inputs(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """The names of the inputs that differ between two input records (``params.epochs``, ``train``, ...)."""
+    if not isinstance(old, dict):
+        return [prefix.rstrip(".") or "all inputs"]
+    names = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += changed_inputs(a, b, f"{prefix}{k}.")
+        else:
+            names.append(f"{prefix}{k}")
+    return names
+
+
+def describe_change(old: dict | None, new: dict) -> str:
+    """``inputs changed: train, params.epochs`` (or a note that the old record does not list them)."""
+    if not isinstance(old, dict):
+        return "inputs changed (the previous run recorded no inputs)"
+    names = changed_inputs(old, new)
+    return f"inputs changed: {', '.join(names)}" if names else "inputs changed"
 
 
 def _intact(out: Path, manifest: dict) -> bool:
@@ -109,6 +154,14 @@ def _legacy_match(config: DistillConfig, manifest: dict, inputs: dict) -> bool:
     try:
         recorded_config = dict(manifest["config"])
         prompts = recorded_config.pop("prompts")  # the rest is [distill] with 'augment' written over it
+        for k in NOT_IN_KEY:
+            recorded_config.pop(k, None)
+        losses = recorded_config.get("losses")
+        if (isinstance(losses, dict) and losses.get("contrastive_text") == 0.0
+                and manifest.get("losses_used") is None and not _has_captions(config)):
+            # written before the configured losses were recorded: the run switched contrastive_text off
+            # because the folder has no captions, and recorded that instead of the configured weight
+            recorded_config["losses"] = {**losses, "contrastive_text": inputs["params"]["losses"]["contrastive_text"]}
         return (manifest["teacher"]["sha256"] == inputs["teacher"]
                 and manifest["student"]["name"] == config.student
                 and manifest["data"]["train_sha256"] == inputs["train"]
@@ -118,6 +171,13 @@ def _legacy_match(config: DistillConfig, manifest: dict, inputs: dict) -> bool:
                 and manifest["student"]["preprocess"] == _teacher_preprocess(config))
     except (KeyError, TypeError, AttributeError):
         return False
+
+
+def _has_captions(config: DistillConfig) -> bool:
+    from ..data.folder import HF_METADATA
+
+    root = Path(config.train)
+    return root.is_dir() and ((root / config.captions_file).is_file() or (root / HF_METADATA).is_file())
 
 
 def cached_student(config: DistillConfig, inputs: dict, key: str) -> tuple[dict, str] | None:
@@ -159,16 +219,22 @@ def ensure_student(config: DistillConfig, *, progress: bool = True, log=print, m
     work = work_dir(config.out)
     started = read_json(work / KEY_FILE)
     resume = started is not None and started.get("key") == key and (work / "last").is_dir()
+    previous = read_json(config.out / "manifest.json")
+    if previous is None:
+        reason = "no student yet"
+    elif not _intact(config.out, previous):
+        reason = "the student files changed or are missing"
+    else:
+        reason = describe_change((previous.get("cache") or {}).get("inputs"), inputs)
     if resume:
         epoch = (read_json(work / "last" / "trainer_state.json") or {}).get("epoch")
-        log(f"{label}: inputs changed or no student yet; resuming the interrupted run from epoch {epoch}")
+        log(f"{label}: {reason}; resuming the interrupted run from epoch {epoch}")
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         atomic_write_json(work / KEY_FILE, {"key": key, "inputs": inputs})
-        reason = "inputs changed" if (config.out / "manifest.json").is_file() else "no student yet"
         log(f"{label}: {reason}; distilling into {work} (the current folder stays until it finishes)")
-    result = run(dataclasses.replace(config, out=work), resume=resume, progress=progress, log=log)
+    result = run(dataclasses.replace(config, out=work), resume=resume, progress=progress, log=log, inputs=inputs)
     manifest = dict(result.manifest, cache={"key": key, "inputs": inputs})
     atomic_write_json(work / "manifest.json", manifest)
     replace_dir(work, config.out)
@@ -177,4 +243,4 @@ def ensure_student(config: DistillConfig, *, progress: bool = True, log=print, m
                         time.time() - t0)
 
 
-__all__ = ["StudentStage", "cached_student", "distill_inputs", "ensure_student", "inputs_key", "work_dir"]
+__all__ = ["StudentStage", "cached_student", "changed_inputs", "describe_change", "distill_inputs", "ensure_student", "inputs_key", "work_dir"]

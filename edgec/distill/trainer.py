@@ -26,7 +26,9 @@ from torch.nn import functional as F
 from ..config import DistillSection
 from ..errors import EdgecError, InputError
 from ..manifest import atomic_write_bytes, atomic_write_json, staged_dir
+from ..data.loader import RowImages, default_workers, row_loader
 from ..models.student import Student, StudentSpec, create_student, read_student_config, save_student
+from .cache import CacheRows
 from .ddp import Dist, all_gather_cat, global_batch_norm, max_abs_diff_to_rank0
 from .losses import Batch, DistillLoss
 
@@ -40,13 +42,51 @@ class TrainingDiverged(EdgecError):
 
 @dataclass
 class Split:
-    """Student inputs (uint8 NCHW) with the teacher's targets, row-aligned."""
+    """Training or eval rows: the teacher's cached targets (memory-mapped) and the images, read by row."""
 
-    pixels: torch.Tensor
-    teacher: torch.Tensor
-    label_ids: torch.Tensor
-    captions: torch.Tensor | None = None
-    caption_index: list[list[int]] = field(default_factory=list)
+    rows: CacheRows
+    images: RowImages  # decoded at the student's size, in DataLoader workers
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def views(self) -> int:
+        return self.images.views
+
+
+class EpochBatches:
+    """The batches of one epoch for this process, as one process with the whole batch draws them.
+
+    The order, caption choices and views depend only on (seed, epoch): a resumed run and N DDP
+    processes (each taking its slice of every global batch) see what one process would. Iterated
+    as a DataLoader batch sampler it yields dataset codes ``row * views + view``.
+    """
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, views: int, dist: Dist) -> None:
+        self.n, self.batch_size, self.n_steps, self.seed, self.views, self.dist = n, batch_size, steps, seed, views, dist
+        self.steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        pick_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        view_gen = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+        per_rank = self.batch_size // self.dist.world
+        lo, hi = self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank
+        self.steps = []
+        for step in range(self.n_steps):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            draws = torch.randint(0, 1 << 30, (len(idx),), generator=pick_gen)
+            views = (torch.randint(0, self.views, (len(idx),), generator=view_gen) if self.views > 1
+                     else torch.zeros(len(idx), dtype=torch.int64))
+            self.steps.append((idx[lo:hi].numpy(), draws[lo:hi].numpy(), views[lo:hi].numpy()))
+
+    def __iter__(self):
+        for idx, _, views in self.steps:
+            yield (idx * self.views + views).tolist()
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 def resolve_device(name: str, dist: Dist) -> torch.device:
@@ -88,24 +128,35 @@ class Normalize(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+def eval_loader(split: Split, workers: int, batch_size: int = 256):
+    n = len(split)
+    batches = [[i * split.views for i in range(lo, min(n, lo + batch_size))] for lo in range(0, n, batch_size)]
+    return row_loader(split.images, batches, workers)
+
+
 @torch.inference_mode()
 def evaluate(student: nn.Module, norm: Normalize, split: Split, class_text: torch.Tensor | None,
-             device: torch.device, batch_size: int = 256) -> dict[str, float]:
+             device: torch.device, loader=None) -> dict[str, float]:
     was = student.training
     student.eval()
-    emb = torch.cat([student(norm(split.pixels[i : i + batch_size].to(device))).float().cpu()
-                     for i in range(0, len(split.pixels), batch_size)])
+    loader = loader if loader is not None else eval_loader(split, 0)
+    embs, teachers = [], []
+    for codes, pixels in loader:
+        rows = codes.numpy() // split.views
+        embs.append(student(norm(pixels.to(device))).float().cpu())
+        teachers.append(F.normalize(torch.from_numpy(split.rows.teacher(rows)), dim=-1))
     student.train(was)
-    s = F.normalize(emb, dim=-1)
-    cos = (s * split.teacher).sum(-1)
+    s, t = F.normalize(torch.cat(embs), dim=-1), torch.cat(teachers)
+    label_ids = torch.from_numpy(split.rows.label_ids)
+    cos = (s * t).sum(-1)
     metrics = {"cosine_mean": float(cos.mean()), "cosine_p1": float(torch.quantile(cos, 0.01))}
     if class_text is not None and len(class_text):
-        sp, tp = (s @ class_text.T).argmax(-1), (split.teacher @ class_text.T).argmax(-1)
+        sp, tp = (s @ class_text.T).argmax(-1), (t @ class_text.T).argmax(-1)
         metrics["agreement"] = float((sp == tp).float().mean())
-        mask = split.label_ids >= 0
+        mask = label_ids >= 0
         if mask.any():
-            metrics["accuracy"] = float((sp[mask] == split.label_ids[mask]).float().mean())
-            metrics["teacher_accuracy"] = float((tp[mask] == split.label_ids[mask]).float().mean())
+            metrics["accuracy"] = float((sp[mask] == label_ids[mask]).float().mean())
+            metrics["teacher_accuracy"] = float((tp[mask] == label_ids[mask]).float().mean())
             metrics["accuracy_delta"] = metrics["accuracy"] - metrics["teacher_accuracy"]
     return metrics
 
@@ -172,7 +223,9 @@ class TrainResult:
 
 def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_split: Split | None,
           class_text: torch.Tensor | None, *, logit_scale: float, out: Path, augment_mode: str,
-          resume: bool = False, progress: bool = True, extra: dict | None = None, log=print) -> TrainResult:
+          resume: bool = False, progress: bool = True, extra: dict | None = None, log=print,
+          max_steps: int | None = None) -> TrainResult:
+    """Train the student; ``max_steps`` stops each epoch early (smoke runs and benchmarks)."""
     dist = Dist.from_env()
     device = resolve_device(params.device, dist)
     torch.manual_seed(params.seed)
@@ -187,10 +240,12 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
     no_decay = [p for n, p in core.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=params.lr)
-    n = len(train_split.pixels)
+    n = len(train_split)
     if params.batch_size % dist.world:
         raise InputError(f"distill.batch_size {params.batch_size} is not divisible by {dist.world} processes")
     steps_per_epoch = max(1, n // params.batch_size)
+    if max_steps is not None:
+        steps_per_epoch = min(steps_per_epoch, max_steps)
     total_steps = steps_per_epoch * params.epochs
     warmup = min(total_steps - 1, round(params.warmup_epochs * steps_per_epoch))
 
@@ -224,31 +279,40 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     gen = torch.Generator()
-    per_rank = params.batch_size // dist.world
+    workers = default_workers() if params.workers is None else params.workers
+    views = train_split.views
+    sampler = EpochBatches(n, params.batch_size, steps_per_epoch, params.seed, views, dist)
+    loader = row_loader(train_split.images, sampler, workers, pin=device.type == "cuda")
+    evals = eval_loader(eval_split, workers) if eval_split is not None else None
+    rows = train_split.rows
+    use_captions = bool(params.losses.contrastive_text) and rows.has_captions
     t_start, stopped_early = time.time(), False
     bar = _progress(progress and dist.main, total_steps, start_epoch * steps_per_epoch)
     try:
         for epoch in range(start_epoch, params.epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(params.seed + epoch))
-            # randomness depends only on (seed, epoch[, rank]): a resumed run repeats it. Caption choices are
-            # drawn for the whole global batch, so N processes pick what one process would.
+            sampler.set_epoch(epoch)
+            # randomness depends only on (seed, epoch[, rank]): a resumed run repeats it.
             gen.manual_seed((params.seed * 1_000_003 + epoch) * 1009 + dist.rank)
-            pick_gen = torch.Generator().manual_seed(params.seed * 1_000_003 + epoch)
-            t_epoch, seen, running, parts_sum = time.time(), 0, 0.0, {}
+            t_epoch, seen, running, parts_sum, waited = time.time(), 0, 0.0, {}, 0.0
+            batches = iter(loader)
             for step in range(steps_per_epoch):
-                idx = order[step * params.batch_size : (step + 1) * params.batch_size]
-                draws = torch.randint(0, 1 << 30, (len(idx),), generator=pick_gen)
-                idx = idx[dist.rank * per_rank : (dist.rank + 1) * per_rank]
-                draws = draws[dist.rank * per_rank : (dist.rank + 1) * per_rank]
-                x = augment(norm(train_split.pixels[idx].to(device)), augment_mode, gen)
+                t_wait = time.perf_counter()
+                codes, pixels = next(batches)
+                waited += time.perf_counter() - t_wait
+                idx, draws, view = sampler.steps[step]
+                if not np.array_equal(codes.numpy(), idx * views + view):
+                    raise RuntimeError("the data loader returned a batch out of order")
+                x = norm(pixels.to(device, non_blocking=True))
+                if views == 1:
+                    x = augment(x, augment_mode, gen)
                 with autocast, global_batch_norm(dist.world > 1 and device.type == "cpu"):
                     emb = student(x)
-                batch = Batch(emb.float(), train_split.teacher[idx].to(device))
-                if params.losses.contrastive_text and train_split.captions is not None:
-                    pick = [train_split.caption_index[i][int(d) % len(train_split.caption_index[i])]
-                            for i, d in zip(idx.tolist(), draws)]
-                    batch.caption = train_split.captions[pick].to(device)
-                    batch.caption_id = torch.tensor(pick, device=device)
+                target = F.normalize(torch.from_numpy(rows.teacher(idx, view)), dim=-1)
+                batch = Batch(emb.float(), target.to(device))
+                if use_captions:
+                    cap, cap_id = rows.caption(idx, draws)
+                    batch.caption = F.normalize(torch.from_numpy(cap), dim=-1).to(device)
+                    batch.caption_id = torch.from_numpy(cap_id).to(device)
                 loss, parts = loss_fn(batch)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
@@ -267,11 +331,12 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
                 seen += len(idx) * dist.world
                 if bar is not None:
                     bar.update(1, loss=running / (step + 1), ips=seen / max(1e-9, time.time() - t_epoch), epoch=epoch + 1)
+            del batches
             row = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
                    **{f"loss_{k}": v / steps_per_epoch for k, v in parts_sum.items()},
                    "lr": opt.param_groups[0]["lr"], "images_per_s": seen / (time.time() - t_epoch),
-                   "seconds": time.time() - t_start}
-            metrics = evaluate(core, norm, eval_split, class_text, device) if eval_split is not None else {}
+                   "loader_wait_share": waited / max(1e-9, time.time() - t_epoch), "seconds": time.time() - t_start}
+            metrics = evaluate(core, norm, eval_split, class_text, device, evals) if eval_split is not None else {}
             row.update(metrics)
             history.append(row)
             best_key = "agreement" if "agreement" in metrics else "cosine_mean" if metrics else None
@@ -354,10 +419,3 @@ class _Bar:
 
 def _progress(enabled: bool, total: int, done: int) -> _Bar | None:
     return _Bar(total, done) if enabled else None
-
-
-def to_split(pixels_nhwc: np.ndarray, teacher: np.ndarray, label_ids: np.ndarray,
-             captions: np.ndarray | None = None, caption_index: list[list[int]] | None = None) -> Split:
-    return Split(torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2))),
-                 F.normalize(torch.from_numpy(teacher).float(), dim=-1), torch.from_numpy(label_ids),
-                 torch.from_numpy(captions).float() if captions is not None else None, caption_index or [])

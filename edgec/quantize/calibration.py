@@ -4,9 +4,13 @@ A calibration source is one of (see calibration/README.md):
 
 * an image folder (class sub-folders, a ``captions.jsonl``, or plain images);
 * a text file with one image path per line (relative to the file; ``#`` comments);
-* a ``captions.jsonl`` file.
+* a ``captions.jsonl`` (or Hugging Face ``metadata.jsonl``) file;
+* WebDataset tar shards (a brace pattern such as ``calib-{0000..0003}.tar``, or a folder of ``.tar``).
 
-``num_images`` are sampled deterministically (seeded; stratified by label when labels exist),
+Every source is read by :mod:`edgec.data.sources`, the readers distillation and the golden set use.
+
+``num_images`` are sampled deterministically (seeded; stratified by label when labels exist; from
+shards, a seeded reservoir sample of the stream, holding only the chosen images' bytes),
 decoded and preprocessed by the same code path as verification, and identified by a content
 hash that every quantized artifact's manifest records.
 """
@@ -20,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.folder import ImageFolder, Item, load_rgb, read_captions, read_folder
 from ..data.preprocess import IMAGE_SUFFIXES, Preprocess
+from ..data.sources import FolderSource, Sample, Source, decode_rgb, open_source
 from ..errors import InputError
-from ..manifest import inside, sha256_file
+from ..manifest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -60,26 +64,29 @@ class CalibrationSet:
         return len(self.images)
 
 
-def _read_source(source: Path) -> ImageFolder:
-    if not source.exists():
+def _read_source(source: Path) -> Source:
+    from ..data.shards import is_shard_spec
+
+    if not is_shard_spec(source) and not source.exists():
         raise InputError(f"calibration source not found: {source}",
-                         hint="set [calibration] path to an image folder, a list of paths, or a captions.jsonl")
-    if source.is_dir():
-        return read_folder(source)
-    if source.name.endswith(".jsonl"):
-        items = read_captions(source.parent, source)
-        return ImageFolder(source.parent, items, sorted({i.label for i in items if i.label}))
-    if source.suffix.lower() in IMAGE_SUFFIXES:
+                         hint="set [calibration] path to an image folder, a list of paths, a captions.jsonl or .tar shards")
+    if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
         raise InputError(f"{source} is a single image", hint="calibration needs a folder or a list of images")
-    items = []
-    for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        items.append(Item(inside(source.parent, line, f"{source}:{n}").resolve()))
-    if not items:
-        raise InputError(f"{source} lists no images", hint="one image path per line")
-    return ImageFolder(source.parent, items, [])
+    return open_source(source)
+
+
+def _reservoir(src: Source, n: int, seed: int) -> list[Sample]:
+    """``n`` samples of a stream, each equally likely (seeded), in stream order."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[int, Sample]] = []
+    for i, s in enumerate(src):
+        if len(kept) < n:
+            kept.append((i, s))
+        else:
+            j = int(rng.integers(0, i + 1))
+            if j < n:
+                kept[j] = (i, s)
+    return [s for _, s in sorted(kept, key=lambda t: t[0])]
 
 
 def sample_indices(labels: list[str | None], n: int, seed: int) -> list[int]:
@@ -102,25 +109,39 @@ def sample_indices(labels: list[str | None], n: int, seed: int) -> list[int]:
 
 
 def load_calibration(spec: CalibrationSpec, preprocess: Preprocess) -> CalibrationSet:
-    folder = _read_source(spec.source)
-    labels = [it.label for it in folder.items]
-    indices = sample_indices(labels, spec.num_images, spec.seed)
-    if len(indices) < spec.num_images:
-        if len(indices) < spec.min_images:
-            raise InputError(f"calibration source {spec.source} has {len(indices)} images; at least {spec.min_images} are needed",
+    src = _read_source(spec.source)
+    if isinstance(src, FolderSource):
+        items = src.folder.items
+        chosen = [Sample(src.folder.key(i), (0, i, 0), items[i].label, items[i].captions, path=items[i].path)
+                  for i in sample_indices([it.label for it in items], spec.num_images, spec.seed)]
+    else:
+        chosen = _reservoir(src, spec.num_images, spec.seed)
+    if len(chosen) < spec.num_images:
+        if len(chosen) < spec.min_images:
+            raise InputError(f"calibration source {spec.source} has {len(chosen)} images; at least {spec.min_images} are needed",
                              hint="add images, or lower [calibration] min_images")
-        warnings.warn(f"calibration: asked for {spec.num_images} images, {spec.source} has {len(indices)}; using them all",
+        warnings.warn(f"calibration: asked for {spec.num_images} images, {spec.source} has {len(chosen)}; using them all",
                       stacklevel=2)
-    loaded = load_rgb(folder, preprocess, indices=indices, max_bad_fraction=spec.max_bad_fraction)
-    if len(loaded.kept) < spec.min_images:
-        raise InputError(f"only {len(loaded.kept)} calibration images could be decoded; at least {spec.min_images} are needed",
+    arrays, kept, bad = [], [], []
+    for s in chosen:
+        try:
+            if s.error:
+                raise InputError(s.error)
+            arrays.append(decode_rgb(s.data if s.data is not None else s.path, s.key, preprocess))
+            kept.append(s)
+        except InputError as exc:
+            bad.append((s.path or Path(s.key), exc.message))
+    if chosen and len(bad) > spec.max_bad_fraction * len(chosen):
+        raise InputError(f"{len(bad)} of {len(chosen)} images in {spec.source} could not be decoded (first: {bad[0][1]})",
+                         hint=f"fix or remove them; up to {spec.max_bad_fraction:.0%} are skipped")
+    if len(kept) < spec.min_images:
+        raise InputError(f"only {len(kept)} calibration images could be decoded; at least {spec.min_images} are needed",
                          hint="fix the undecodable files or add images")
-    paths = [folder.items[i].path for i in loaded.kept]
     h = hashlib.sha256(repr(preprocess.to_json()).encode())
-    for p in paths:
-        h.update(sha256_file(p).encode())
-    return CalibrationSet(loaded.pixels, paths, [folder.items[i].label for i in loaded.kept], h.hexdigest(),
-                          loaded.bad, preprocess)
+    for s in kept:
+        h.update((sha256_file(s.path) if s.data is None else hashlib.sha256(s.data).hexdigest()).encode())
+    return CalibrationSet(np.stack(arrays), [s.path or Path(s.key) for s in kept], [s.label for s in kept], h.hexdigest(),
+                          bad, preprocess)
 
 
 __all__ = ["CalibrationSet", "CalibrationSpec", "load_calibration", "sample_indices"]

@@ -1,10 +1,15 @@
 """The golden set: the full-precision teacher's outputs on the eval images (build/golden/).
 
-``golden.npz`` holds the eval images decoded and resized exactly as the teacher saw them
-(uint8 RGB: compact, and every artifact applies its own normalisation and layout from its
-manifest), the teacher's normalised image embeddings, the normalised text embeddings of the
-label prompts, and label ids; ``golden.json`` holds labels, captions, prompts, preprocessing,
-the device it was computed on and hashes. Reading it needs numpy only.
+``images.npy`` holds the eval images decoded and resized exactly as the teacher saw them
+(uint8 RGB (N, H, W, 3): compact, and every artifact applies its own normalisation and layout
+from its manifest); it is memory-mapped when read, so verify streams it instead of loading it.
+``golden.npz`` holds the teacher's normalised image embeddings, the normalised text embeddings
+of the label prompts, and label ids; ``golden.json`` holds labels, captions, prompts,
+preprocessing, the device it was computed on and hashes. Reading it needs numpy only. (Sets
+written before ``images.npy`` existed keep their images inside ``golden.npz`` and still load.)
+
+The eval set is read by the readers distillation uses (folders, captions.jsonl, metadata.jsonl,
+WebDataset shards), through a DataLoader; images are written to disk as they are decoded.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..manifest import atomic_write_bytes, atomic_write_json, sha256_file, stage
 
 GOLDEN_NPZ = "golden.npz"
 GOLDEN_JSON = "golden.json"
+GOLDEN_IMAGES = "images.npy"
 SCHEMA = 1
 
 
@@ -55,7 +61,7 @@ class Golden:
     """A loaded golden set (numpy only)."""
 
     root: Path
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8, memory-mapped
     image_embeddings: np.ndarray  # (N, D) float32, normalised
     text_embeddings: np.ndarray | None  # (C, D) float32, normalised
     label_ids: np.ndarray  # (N,) int, -1 unlabelled
@@ -68,11 +74,21 @@ class Golden:
         return self.meta["labels"]
 
 
-def build_golden(config: GoldenConfig, *, log=print) -> Path:
+def _write_npy(path: Path, raw: Path, shape: tuple[int, ...]) -> None:
+    """``raw`` (C-order uint8 bytes) as a .npy file of ``shape``, copied in blocks."""
+    import shutil
+
+    with open(path, "wb") as out, open(raw, "rb") as src:
+        np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        shutil.copyfileobj(src, out, 1 << 22)
+
+
+def build_golden(config: GoldenConfig, *, log=print, workers: int | None = None) -> Path:
     import torch
 
-    from ..data.folder import load_rgb, read_folder
-    from ..distill.data import folder_identity, teacher_identity
+    from ..data.loader import PartStream, default_workers, ordered_parts, stream_loader
+    from ..data.sources import open_source
+    from ..distill.data import teacher_identity
     from ..models import load_model
     from ..models.zeroshot import class_text_embeddings
 
@@ -82,48 +98,74 @@ def build_golden(config: GoldenConfig, *, log=print) -> Path:
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
     teacher.to(device)
     device_name = f"cuda:{torch.cuda.get_device_name(torch.device(device))}" if device.startswith("cuda") else "cpu"
-    folder = read_folder(config.eval, config.captions_file)
-    loaded = load_rgb(folder, teacher.preprocess, max_bad_fraction=config.max_bad_fraction)
-    with torch.inference_mode():
-        image = teacher.encode_image(teacher.preprocess.normalize(loaded.pixels)).numpy().astype(np.float32)
-        text = None
-        if folder.labels and teacher.text_encoder is not None and teacher.tokenizer is not None:
-            text = class_text_embeddings(teacher, folder.labels, list(config.prompts)).numpy().astype(np.float32)
-    items = [folder.items[i] for i in loaded.kept]
-    arrays = {"images": loaded.pixels, "image_embeddings": image, "label_ids": folder.label_ids()[loaded.kept]}
-    if text is not None:
-        arrays["text_embeddings"] = text
-    if folder.has_captions and teacher.text_encoder is not None and teacher.tokenizer is not None:
-        owners = [i for i, it in enumerate(items) for _ in it.captions]
-        captions = [c for it in items for c in it.captions]
-        with torch.inference_mode():
-            arrays["caption_embeddings"] = teacher.encode_text(captions).numpy().astype(np.float16)
-        arrays["caption_owner"] = np.asarray(owners, np.int32)
+    source = open_source(config.eval, config.captions_file)
+    pre = teacher.preprocess
+    h, w = pre.size
+    stream = PartStream(source, pre, list(range(source.num_parts())))
+    loader = stream_loader(stream, default_workers() if workers is None else workers)
+    keys, labels, captions, embs, bad, total = [], [], [], [], [], 0
+    with_text = teacher.text_encoder is not None and teacher.tokenizer is not None
     with staged_dir(config.out) as tmp:
+        raw = tmp / "images.u8"
+        with open(raw, "wb") as f, torch.inference_mode():
+            for _, batches in ordered_parts(loader, stream.parts):
+                for b in sorted(batches, key=lambda b: b.start):
+                    total += len(b.keys)
+                    bad += b.errors
+                    good = np.flatnonzero(b.ok)
+                    if not len(good):
+                        continue
+                    rgb = b.pixels[:, 0]
+                    f.write(np.ascontiguousarray(rgb).tobytes())
+                    embs.append(teacher.encode_image(pre.normalize(rgb)).numpy().astype(np.float32))
+                    keys += [b.keys[i] for i in good]
+                    labels += [b.labels[i] for i in good]
+                    captions += [list(b.captions[i]) for i in good]
+        if total and len(bad) > config.max_bad_fraction * total:
+            raise InputError(f"{len(bad)} of {total} images in {source.name} could not be decoded (first: {bad[0][1]})",
+                             hint=f"fix or remove them; up to {config.max_bad_fraction:.0%} are skipped")
+        if not keys:
+            raise InputError(f"no decodable images in {source.name}")
+        _write_npy(tmp / GOLDEN_IMAGES, raw, (len(keys), h, w, 3))
+        raw.unlink()
+        names = list(source.labels) if source.labels is not None else sorted({x for x in labels if x is not None})
+        index = {n: i for i, n in enumerate(names)}
+        image = np.concatenate(embs)
+        arrays = {"image_embeddings": image,
+                  "label_ids": np.array([index[x] if x is not None else -1 for x in labels], np.int64)}
+        has_captions = any(captions)
+        with torch.inference_mode():
+            if names and with_text:
+                arrays["text_embeddings"] = class_text_embeddings(teacher, names, list(config.prompts)).numpy().astype(np.float32)
+            if has_captions and with_text:
+                arrays["caption_embeddings"] = teacher.encode_text([c for cs in captions for c in cs]).numpy().astype(np.float16)
+                arrays["caption_owner"] = np.asarray([i for i, cs in enumerate(captions) for _ in cs], np.int32)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(tmp / GOLDEN_NPZ, buf.getvalue())
         meta = {
             "schema": SCHEMA,
             "teacher": {"name": teacher.name, "kind": teacher.kind, "sha256": teacher_identity(teacher)},
-            "eval": {"path": str(config.eval), "sha256": folder_identity(folder), "images": len(items),
-                     "skipped": [str(p) for p, _ in loaded.bad]},
-            "files": [str(it.path.relative_to(folder.root)) for it in items],
-            "labels": folder.labels,
-            "captions": [list(it.captions) for it in items] if folder.has_captions else None,
+            "eval": {"path": str(config.eval), "kind": source.kind, "sha256": source.identity(), "images": len(keys),
+                     "skipped": [k for k, _ in bad]},
+            "files": keys,
+            "labels": names,
+            "captions": captions if has_captions else None,
             "prompts": list(config.prompts),
             "captions_file": config.captions_file,
             "max_bad_fraction": config.max_bad_fraction,
-            "preprocess": teacher.preprocess.to_json(),
+            "preprocess": pre.to_json(),
             "embedding_dim": int(image.shape[1]),
             "logit_scale": teacher.logit_scale,
             "device": device_name,
             "host": platform.node(),
             "seconds": round(time.time() - t0, 1),
             "npz_sha256": sha256_file(tmp / GOLDEN_NPZ),
+            "images_file": GOLDEN_IMAGES,
+            "images_sha256": sha256_file(tmp / GOLDEN_IMAGES),
         }
         atomic_write_json(tmp / GOLDEN_JSON, meta)
-    log(f"golden: {len(items)} images, teacher {teacher.name} on {device_name}" + (f", {len(loaded.bad)} undecodable skipped" if loaded.bad else ""))
+    log(f"golden: {len(keys)} images, teacher {teacher.name} on {device_name}" + (f", {len(bad)} undecodable skipped" if bad else ""))
     return config.out
 
 
@@ -139,8 +181,18 @@ def load_golden(path: str | Path) -> Golden:
     npz = path / GOLDEN_NPZ
     if not npz.is_file() or sha256_file(npz) != meta.get("npz_sha256"):
         raise InputError(f"{npz} is missing or does not match the sha256 in {GOLDEN_JSON}", hint="run 'edgec golden' again")
+    images = None
+    if meta.get("images_file"):
+        ipath = path / meta["images_file"]
+        if Path(meta["images_file"]).name != meta["images_file"] or not ipath.is_file() \
+                or sha256_file(ipath) != meta.get("images_sha256"):
+            raise InputError(f"{ipath} is missing or does not match the sha256 in {GOLDEN_JSON}",
+                             hint="run 'edgec golden' again")
+        images = np.load(ipath, mmap_mode="r", allow_pickle=False)
     with np.load(npz, allow_pickle=False) as z:
-        return Golden(path, z["images"], z["image_embeddings"], z["text_embeddings"] if "text_embeddings" in z.files else None,
+        if images is None:
+            images = z["images"]
+        return Golden(path, images, z["image_embeddings"], z["text_embeddings"] if "text_embeddings" in z.files else None,
                       z["label_ids"], meta,
                       z["caption_embeddings"].astype(np.float32) if "caption_embeddings" in z.files else None,
                       z["caption_owner"] if "caption_owner" in z.files else None)

@@ -188,7 +188,8 @@ def test_unlabelled_folder_distils_on_features_alone(tmp_path, data):
     assert "has no captions; the contrastive_text loss is off" in result.stdout
     manifest = json.loads((tmp_path / "u" / "manifest.json").read_text())
     assert "cosine_mean" in manifest["metrics"] and "agreement" not in manifest["metrics"]
-    assert manifest["config"]["losses"]["contrastive_text"] == 0.0
+    # the configured weight is what the stage key and compile compare; the one used is recorded beside it
+    assert manifest["losses_used"]["contrastive_text"] == 0.0 and manifest["config"]["losses"]["contrastive_text"] == 0.5
 
     config.write_text(config.read_text() + "[distill.losses]\nlogit = 1.0\n")
     result = distill(config, "--out", str(tmp_path / "u2"))
