@@ -14,9 +14,42 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from . import __version__
-from .errors import EdgecError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EdgecError, from_os_error
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (unknown command or option, bad or missing value) as one line on stderr
+    and exit 2, like every other edgec error, instead of a multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # bare 'edgec' or 'edgec devices ...': the help, exit 0
+            sys.stdout.write(exc.ctx.get_help() + "\n")
+            sys.exit(EXIT_OK)
+        except click_errors.ClickException as exc:
+            err.print(f"error: {_usage_line(exc)}")
+            sys.exit(EXIT_BAD_INPUT)
+        except typer.Abort:
+            err.print("error: interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _usage_line(exc: click_errors.ClickException) -> str:
+    text = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return f"{text} (see '{ctx.command_path} -h')" if ctx is not None else text
+
 
 app = typer.Typer(
     name="edgec",
@@ -25,13 +58,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts name TOML sections such as [model]: no markup to eat them
+    cls=_OneLineErrors,
 )
-devices_app = typer.Typer(help="Device profiles (devices/*.toml).", no_args_is_help=False, invoke_without_command=True)
+devices_app = typer.Typer(help="Device profiles (devices/*.toml).", no_args_is_help=False, invoke_without_command=True,
+                          rich_markup_mode=None)
 app.add_typer(devices_app, name="devices")
 
+
+class _ErrorConsole:
+    """Writes edgec's own lines to the stderr the command started with: while a command runs,
+    ``sys.stderr`` is the log (library warnings and chatter go there, see :func:`_capture_output`)."""
+
+    def print(self, text: str, markup: bool = False) -> None:
+        stream = _state["stderr"] or sys.stderr
+        Console(file=stream, highlight=False, soft_wrap=True).print(text, markup=markup)
+
+
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-_state = {"traceback": False}
+err = _ErrorConsole()
+_state: dict[str, Any] = {"traceback": False, "stderr": None, "log": None}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
@@ -45,20 +91,155 @@ def _logger(quiet: bool):
     return (lambda *_: None) if quiet else (lambda text: out.print(text, markup=False))
 
 
+def log_path() -> Path:
+    """Where library warnings and each run's unexpected tracebacks go: $EDGEC_LOG, else the user's
+    cache folder (never the build folder, which a failed command must leave as it was)."""
+    import os
+
+    if os.environ.get("EDGEC_LOG"):
+        return Path(os.environ["EDGEC_LOG"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "edgec" / "edgec.log"
+
+
+class _LogStream:
+    """A text stream for ``sys.stderr`` that writes whole lines into the log (and to ``echo`` with --verbose)."""
+
+    def __init__(self, logger, echo=None) -> None:
+        self._logger, self._echo, self._buf = logger, echo, ""
+
+    def write(self, text: str) -> int:
+        if self._echo is not None:
+            self._echo.write(text)
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            if line.strip():
+                self._logger.warning(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._echo is not None:
+            self._echo.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:  # some libraries ask; their C code then writes to the real stderr
+        return (self._echo or sys.__stderr__).fileno()
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+
+def _capture_output(ctx: typer.Context, verbose: bool) -> None:
+    """For the command's lifetime: Python warnings, library log records and anything written to
+    ``sys.stderr`` go to the log (and to stderr too with --verbose); edgec's own error line goes to
+    the real stderr. Undone when the command ends (CliRunner tests run many in one process)."""
+    import logging
+    import logging.handlers
+    import os
+    import time
+
+    if _state["stderr"] is not None:  # already capturing (nested invocation)
+        return
+    real = sys.stderr
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = []
+    path = log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=2_000_000, backupCount=1, delay=True,
+                                                       encoding="utf-8")
+        handler.setFormatter(logging.Formatter(f"%(asctime)s pid {os.getpid()} %(name)s %(levelname)s: %(message)s"))
+        handlers.append(handler)
+        _state["log"] = path
+    except OSError:  # no writable cache folder: warnings are dropped unless --verbose
+        _state["log"] = None
+    if verbose:
+        stream = logging.StreamHandler(real)
+        stream.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+        handlers.append(stream)
+    old_level = root.level
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.captureWarnings(True)
+    saved_lastresort = logging.lastResort
+    logging.lastResort = None  # records without a handler must not reach the real stderr
+    _state["stderr"] = real
+    captured = logging.getLogger("edgec.stderr")  # written to sys.stderr by a library: the log file only,
+    captured.propagate = False                     # echoed as it was with --verbose
+    for h in handlers[:1] if _state["log"] else ():
+        captured.addHandler(h)
+    sys.stderr = _LogStream(captured, real if verbose else None)
+    logging.getLogger("edgec").info("start %s at %s", " ".join(sys.argv), time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    def restore() -> None:
+        sys.stderr = real
+        for h in list(captured.handlers):
+            captured.removeHandler(h)
+        _state["stderr"] = None
+        logging.captureWarnings(False)
+        logging.lastResort = saved_lastresort
+        root.setLevel(old_level)
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+
+    ctx.call_on_close(restore)
+
+
+def _fail(code: int, line: str, *, as_json: bool = False, payload: dict | None = None,
+          exc: BaseException | None = None) -> None:
+    """The one way a command ends on an error: (the traceback with --traceback), one line, the exit code."""
+    if exc is not None and _state["traceback"]:
+        import traceback
+
+        traceback.print_exception(exc, file=_state["stderr"] or sys.stderr)
+    if as_json:
+        _emit_json({**(payload or {"error": line}), "exit_code": code})
+    err.print(f"error: {line}")
+    raise typer.Exit(code)
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an exception edgec did not anticipate; its traceback goes to the log."""
+    import logging
+
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    logging.getLogger("edgec").error("unexpected error", exc_info=exc)
+    where = f"; traceback in {_state['log']}" if _state["log"] and not _state["traceback"] else ""
+    return (f"unexpected {type(exc).__name__}: {text} (edgec does not check this input yet, or this is a bug in "
+            f"edgec{where}; --traceback shows it)")
+
+
 def _guarded(fn):
-    """Turn an :class:`EdgecError` raised by ``fn`` into one line on stderr (JSON too with --json) and its exit code."""
+    """Every error of ``fn`` as one line on stderr (JSON too with --json) and its exit code: an
+    :class:`EdgecError` with its own code, what the system refused (no space, read-only folder,
+    permissions) and anything unexpected with 2. --traceback adds the traceback, not another code."""
 
     @functools.wraps(fn)
     def wrapper(*a: Any, **kw: Any):
+        as_json = bool(kw.get("as_json"))
         try:
             return fn(*a, **kw)
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
+            raise
         except EdgecError as exc:
-            if _state["traceback"]:
-                raise
-            if kw.get("as_json"):
-                _emit_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
-            err.print(f"error: {exc}", markup=False)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc.exit_code, str(exc), as_json=as_json, exc=exc,
+                  payload={"error": exc.message, "hint": exc.hint})
+        except OSError as exc:
+            mapped = from_os_error(exc)
+            _fail(mapped.exit_code, str(mapped), as_json=as_json, exc=exc,
+                  payload={"error": mapped.message, "hint": mapped.hint})
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: still one line, no traceback
+            _fail(EXIT_BAD_INPUT, _unexpected(exc), as_json=as_json, exc=exc)
 
     return wrapper
 
@@ -76,11 +257,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Show the version and exit.")] = None,
-    traceback: Annotated[bool, typer.Option("--traceback", help="Show the full traceback of errors (debugging).")] = False,
+    traceback: Annotated[bool, typer.Option("--traceback", help="Also show the traceback of an error (debugging); "
+                                            "the exit code stays the same.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show library warnings and logs on stderr "
+                                          "(otherwise they go to the log file, $EDGEC_LOG or ~/.cache/edgec/edgec.log).")] = False,
 ) -> None:
     _state["traceback"] = traceback
+    _capture_output(ctx, verbose)
 
 
 @_command("init")
@@ -154,6 +340,35 @@ def _render_artifact(info: dict) -> None:
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="edgec.toml (default: ./edgec.toml).")]
 
 
+def _override(cfg, section: str, **options: tuple[str, Any]):
+    """``cfg`` with command-line values for keys of ``section``, checked exactly like the same keys
+    in edgec.toml (type and range); the error names the option."""
+    import dataclasses
+
+    from .schema import override
+
+    values = {key: value for key, (_, value) in options.items()}
+    names = {key: flag for key, (flag, _) in options.items()}
+    return dataclasses.replace(cfg, **{section: override(getattr(cfg, section), values, names=names)})
+
+
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling the model checkpoint as it is now "
+                                        "(pinned to its sha256; it runs code from the file: only for sources you "
+                                        "trust). CI: set EDGEC_TRUST_PICKLE=<sha256> instead. Never from edgec.toml.")]
+
+
+def _trust(requested: bool, cfg=None, model: Path | None = None) -> None:
+    """--trust-pickle: trust the checkpoint this command reads, pinned to its current sha256 (edgec.trust)."""
+    if not requested:
+        return
+    from .trust import trust_file
+
+    if model is None and cfg is not None and cfg.model is not None:
+        model = cfg.resolve(cfg.model.path)
+    if model is not None and Path(model).exists():
+        trust_file(model)
+
+
 @_command("inspect")
 def inspect_cmd(
     model: Annotated[Optional[Path], typer.Argument(
@@ -161,7 +376,7 @@ def inspect_cmd(
     config: ConfigOpt = None,
     kind: Annotated[Optional[str], typer.Option("--kind", help="auto, edgec, hf or open_clip.")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="open_clip architecture name or model-config .json.")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints (only for trusted files).")] = False,
+    trust_pickle: TrustOpt = False,
     macs: Annotated[bool, typer.Option("--macs/--no-macs", help="Count MACs per tower (one forward pass).")] = True,
     student: Annotated[Optional[str], typer.Option(
         "--student", help="Also show a student (timm name or student folder) beside the teacher; default: [student] of edgec.toml.")] = None,
@@ -186,7 +401,7 @@ def inspect_cmd(
             if cfg.model is None:
                 raise EdgecError(f"{config or 'edgec.toml'} has no [model] section", hint="add [model] path = ... or pass MODEL")
             model, kind = cfg.resolve(cfg.model.path), kind or cfg.model.kind
-            arch, trust_pickle = arch or cfg.model.arch, trust_pickle or cfg.model.trust_pickle
+            arch = arch or cfg.model.arch
             student, image_size = student or cfg.student.name, cfg.student.image_size
         if is_student_checkpoint(model):
             info, render = describe_student(model, None), _render_student
@@ -194,7 +409,8 @@ def inspect_cmd(
             kind = kind or "auto"
             if kind not in ModelKind.__members__:
                 raise EdgecError(f"--kind must be one of {', '.join(ModelKind.__members__)}, not {kind!r}")
-            teacher = load_model(model, kind, arch=arch, trust_pickle=trust_pickle)
+            _trust(trust_pickle, model=model)
+            teacher = load_model(model, kind, arch=arch)
             info = describe(teacher, macs=macs)
             if student:
                 info["student"] = describe_student(student, teacher, image_size=image_size)
@@ -216,15 +432,17 @@ def distill_cmd(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/distill/<student>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last finished epoch in the output folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Distil the teacher's image tower into a timm student in the teacher's embedding space."""
     from .config import load_config
     from .distill import DistillConfig, run
 
-    edgec_cfg = load_config(config)
-    cfg = DistillConfig.from_edgec(edgec_cfg, target=target, student=student, out=out_dir,
-                                   epochs=epochs, batch_size=batch_size, lr=lr)
+    edgec_cfg = _override(load_config(config), "distill", epochs=("--epochs", epochs),
+                          batch_size=("--batch-size", batch_size), lr=("--lr", lr))
+    _trust(trust_pickle, edgec_cfg)
+    cfg = DistillConfig.from_edgec(edgec_cfg, target=target, student=student, out=out_dir)
     log = _logger(as_json)
     with _build_lock(edgec_cfg, "edgec distill"):
         result = run(cfg, resume=resume, progress=progress and not as_json, log=log)
@@ -243,6 +461,7 @@ def golden_cmd(
     config: ConfigOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/golden).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher outputs on the eval set at full precision -> build/golden/ (records the device used)."""
@@ -250,6 +469,7 @@ def golden_cmd(
     from .verify.golden import GoldenConfig, build_golden, load_golden
 
     cfg = load_config(config)
+    _trust(trust_pickle, cfg)
     gcfg = GoldenConfig.from_edgec(cfg, out=out_dir, device=device)
     with _build_lock(cfg, "edgec golden"):
         path = build_golden(gcfg, log=_logger(as_json))
@@ -277,6 +497,7 @@ def compile_cmd(
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, help="With several targets (--target all): how many compile at once, each in its own "
                                     "process (default: min(targets, CPU cores)).")] = None,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a target folder: artifacts, zero-shot head files and manifest.json (runs distill first when missing)."""
@@ -284,6 +505,7 @@ def compile_cmd(
     from .config import DEFAULT_CONFIG, load_config
 
     cfg = load_config(config)
+    _trust(trust_pickle, cfg)
     tower_list = _parse_towers(towers)
     if head is not None and head not in ("embedding", "zero-shot"):
         raise EdgecError(f"--head must be 'embedding' or 'zero-shot', not {head!r}")
@@ -352,8 +574,8 @@ def quantize_cmd(
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Keep the most sensitive layers in float until "
                                                        "1 - cosine vs float and the agreement lost vs float are both <= T "
                                                        "(default: [quantize] tolerance).")] = None,
-    max_fallback: Annotated[int, typer.Option("--max-fallback", help="At most this many float layers.")] = 16,
-    eval_images: Annotated[int, typer.Option("--eval-images", help="Golden images for the ranking and the fallback "
+    max_fallback: Annotated[int, typer.Option("--max-fallback", min=1, max=10_000, help="At most this many float layers.")] = 16,
+    eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Golden images for the ranking and the fallback "
                                              "search (the final metrics use all of them).")] = 128,
     sensitivity: Annotated[bool, typer.Option("--sensitivity/--no-sensitivity", help="Rank every layer (one program per layer).")] = True,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/quantize).")] = None,
@@ -364,13 +586,15 @@ def quantize_cmd(
                                                        "--tolerance fallback table) in a marked section of this "
                                                        "Markdown file.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = True,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """int8 programs per backend with per-layer sensitivity and accuracy-aware fallback -> <build>/quantize/<backend>/."""
     from .config import load_config
     from .quantize.run import BACKENDS, check_tolerance_met, quantize_from_config
 
-    cfg = load_config(config)
+    cfg = _override(load_config(config), "quantize", tolerance=("--tolerance", tolerance))
+    _trust(trust_pickle, cfg)
     backends = BACKENDS if backend == "all" else (backend,)
     log = _logger(as_json)
     if compare:
@@ -430,6 +654,7 @@ def release_cmd(
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run holding the build folder's lock "
                                                       "instead of refusing.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = False,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """golden, distill, compile and verify every target, reusing each stage whose inputs are unchanged;
@@ -438,6 +663,10 @@ def release_cmd(
     from .release import ReleaseConfig, run
 
     names = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else ()
+    if trust_pickle:
+        from .config import load_config
+
+        _trust(True, load_config(config))
     result = run(ReleaseConfig(config=Path(config or DEFAULT_CONFIG), targets=names, wait=wait,
                                progress=progress and not as_json), log=_logger(as_json))
     if as_json:
@@ -450,24 +679,82 @@ def release_cmd(
 
 @_command("verify")
 def verify_cmd(
-    folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile'.")],
+    folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile', or a bundle from 'edgec bundle'.")],
     golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: <folder>/../golden).")] = None,
     gate: Annotated[Optional[list[str]], typer.Option("--gate", help="Gate such as agreement>=0.97 (repeatable); "
                                                       "replaces the gates recorded in the manifest.")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML here.")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown summary here "
                                                      "(also appended to $GITHUB_STEP_SUMMARY when set).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Runtime threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Runtime threads.")] = None,
+    on: Annotated[Optional[str], typer.Option("--on", help="Verify on a Linux device: ssh://user@host[:port] "
+                                              "(system ssh, host key checked against known_hosts).")] = None,
+    known_hosts: Annotated[Optional[Path], typer.Option("--known-hosts", help="With --on: the known_hosts file "
+                                                        "holding the device's host key (default: ~/.ssh/known_hosts).")] = None,
+    identity: Annotated[Optional[Path], typer.Option("--identity", help="With --on: private key for the login.")] = None,
+    install: Annotated[bool, typer.Option("--install", help="With --on: install the bundle's edgec wheel and the "
+                                          "runtime into a venv on the device first.")] = False,
+    remote_edgec: Annotated[str, typer.Option("--edgec", help="With --on: the edgec command on the device.")] = "edgec",
+    remote_python: Annotated[str, typer.Option("--python", help="With --on --install: the device's Python.")] = "python3",
+    remote_dir: Annotated[Optional[str], typer.Option("--remote-dir", help="With --on: work folder on the device "
+                                                      "(default: ~/.cache/edgec).")] = None,
+    images: Annotated[Optional[int], typer.Option("--images", min=1, help="With --on and a target folder: bundle only "
+                                                  "N golden images, chosen evenly across labels.")] = None,
+    report_out: Annotated[Optional[Path], typer.Option("--report", help="With a bundle or --on: where the device "
+                                                       "report goes (default: beside the bundle, or "
+                                                       "<folder>/verify.device.json).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the artifacts in their runtime against the golden set; exit 1 when a gate fails."""
+    """Run the artifacts in their runtime against the golden set (here, from a bundle, or on a device over ssh);
+    exit 1 when a gate fails."""
     from .verify.run import summary_line, verify
 
-    report = verify(folder, golden, gate, threads=threads, junit=junit, markdown=markdown)
+    from .device.bundle import is_bundle
+
+    if on is not None or is_bundle(folder):
+        from .device.run import verify_device
+
+        report = verify_device(folder, on=on, golden=golden, gates=gate, threads=threads, junit=junit, markdown=markdown,
+                               report=report_out, images=images, known_hosts=known_hosts, identity=identity,
+                               install=install, edgec=remote_edgec, python=remote_python, remote_dir=remote_dir,
+                               log=_logger(as_json))
+    else:
+        report = verify(folder, golden, gate, threads=threads, junit=junit, markdown=markdown)
     if as_json:
         _emit_json(report)
     else:
         out.print(f"{report['target']}: passed; {summary_line(report)}", markup=False)
+        if report.get("executed_on"):
+            from .device.bundle import describe_run
+
+            out.print(describe_run(report), markup=False)
+
+
+@_command("bundle")
+def bundle_cmd(
+    folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile'.")],
+    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="A .tar.gz (default: <folder>/../bundles/"
+                                                   "edgec-bundle-<target>-<id>.tar.gz) or, any other name, a folder.")] = None,
+    golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: <folder>/../golden).")] = None,
+    images: Annotated[Optional[int], typer.Option("--images", min=1, help="Only N golden images, chosen evenly "
+                                                  "across labels (default: all).")] = None,
+    wheel: Annotated[bool, typer.Option("--wheel/--no-wheel", help="Carry the edgec wheel (for --install on a device).")] = True,
+    host_check: Annotated[bool, typer.Option("--host-check/--no-host-check", help="Verify the bundle here first and "
+                                             "record the metrics the device must reproduce.")] = True,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Runtime threads for the host check.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A self-contained, content-addressed verification bundle for a device: artifacts, manifest, golden subset,
+    requirements and the host's metrics; 'edgec verify BUNDLE' there reproduces them."""
+    from .device.bundle import make_bundle
+
+    result = make_bundle(folder, golden=golden, out=output, images=images, wheel=wheel, host_check=host_check,
+                         threads=threads, log=_logger(as_json))
+    if as_json:
+        _emit_json({"bundle": str(result.path), **result.record})
+        return
+    out.print(f"on the device: pip install {' '.join(r for r in result.record['requirements'] if not r.startswith('#'))}"
+              f" && edgec verify {result.path.name}", markup=False)
 
 
 @_command("bench")
@@ -477,10 +764,16 @@ def bench_cmd(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 10,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Runtime threads (default: all cores).")] = None,
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="edgec.toml: also time its teacher in eager PyTorch.")] = None,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency (median, p90), throughput, peak memory and size of each artifact -> bench.json."""
     from .bench import bench
+
+    if trust_pickle and teacher is not None:
+        from .config import load_config
+
+        _trust(True, load_config(teacher))
 
     report = bench(folder, runs=runs, warmup=warmup, threads=threads, teacher_config=teacher,
                    log=_logger(as_json))
@@ -532,6 +825,9 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
     for t in info["tools"]:
         out.print(f"{t['tool']}: {t['path'] or 'not on PATH'} ({t['for']})", markup=False)
     out.print(f"CUDA: {info['cuda'] or 'not available'}", markup=False)
+    isa = info["isa"]
+    out.print(f"CPU: {isa['model'] or isa['arch']}; ISA {isa['arch']} [{' '.join(isa['flags'])}]; "
+              f"onnxruntime int8 kernels: {isa['int8_kernels']}", markup=False)
     table = Table("target", "build", "verify", "to install")
     for t in info["targets"]:
         need = sorted(set(t["missing_for_build"]) | set(t["missing_for_verify"]))
@@ -608,7 +904,7 @@ def run() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("error: interrupted")
         sys.exit(130)
 
 

@@ -7,6 +7,8 @@ Anything else that escapes is a bug in edgec and is shown as such.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -74,3 +76,28 @@ def require_module(module: str, *, install: str, purpose: str):
             f"{purpose} needs the Python package '{module}', which is not installed ({exc})",
             hint=f"install it with: pip install {install}",
         ) from exc
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space on that disk, or pass --out to a folder on another one",
+    errno.EDQUOT: "free some space within your quota, or pass --out to a folder on another disk",
+    errno.EFBIG: "the file is larger than this system allows: free space or raise the file-size limit",
+    errno.EROFS: "that file system is read-only: pass --out to a writable folder",
+    errno.EACCES: "check the permissions, or pass --out to a writable folder",
+    errno.EPERM: "check the permissions, or pass --out to a writable folder",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "a folder is where a file is expected",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def from_os_error(exc: OSError) -> InputError:
+    """What the system refused (no space, read-only, permission, missing path) as one user-facing error."""
+    where = exc.filename if exc.filename is not None else None
+    if getattr(exc, "filename2", None):
+        where = f"{where} -> {exc.filename2}"
+    reason = exc.strerror or exc.__class__.__name__
+    text = f"{where}: {reason}" if where else f"{reason}: {exc}"
+    return InputError(f"cannot use {text}", hint=_OS_HINTS.get(exc.errno or -1))

@@ -10,7 +10,7 @@ from typing import Any
 from .config import DEFAULT_CONFIG, EdgecConfig, ModelSection, config_from_dict
 from .errors import InputError
 from .manifest import atomic_write_text
-from .schema import to_dict
+from .schema import to_dict, value_range
 
 HEADER = """\
 # edgec.toml: the whole pipeline for one model. Every key is optional unless marked required;
@@ -47,8 +47,9 @@ def _section(name: str, obj: Any, lines: list[str], overrides: dict[str, Any]) -
             nested.append((f"{name}.{f.name}", value))
             continue
         help_text = f.metadata.get("help", "")
+        span = value_range(f)
         if help_text:
-            lines.append(f"# {help_text}")
+            lines.append(f"# {help_text}" + (f" ({span})" if span else ""))
         if value is None:
             lines.append(f"# {f.name} = ...")
         else:
@@ -82,7 +83,13 @@ def init_project(directory: str | Path = ".", *, model_path: str | None = None, 
     if path.exists() and not force:
         raise InputError(f"{path} already exists", hint="pass --force to overwrite it")
     if directory.exists() and not directory.is_dir():
-        raise InputError(f"{directory} is not a folder")
+        raise InputError(f"{directory} is not a folder", hint="give a project folder (created if missing)")
+    if model_path is not None:
+        model = Path(model_path).expanduser()
+        where = model if model.is_absolute() else directory / model
+        if not where.exists():
+            raise InputError(f"--model: {model_path} does not exist" + ("" if model.is_absolute() else f" (in {directory})"),
+                             hint="give the path of the trained model; a relative path is relative to the project folder")
     text = render(model_path)
     import tomllib
 

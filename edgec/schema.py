@@ -140,6 +140,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         raise _Bad(key, f"missing required key '{missing[0]}' ({_describe(hints[missing[0]])})")
     try:
         return cls(**kwargs)
+    except RangeError as exc:
+        raise _Bad(f"{prefix}.{exc.key}" if prefix else exc.key, exc.message) from exc
     except ValueError as exc:
         raise _Bad(prefix or cls.__name__, str(exc)) from exc
 
@@ -165,11 +167,72 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def doc(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None) -> Any:
-    """A dataclass field with a help text (used by ``edgec init`` to annotate the file)."""
+def doc(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, min: float | None = None,
+        max: float | None = None, above: float | None = None) -> Any:
+    """A dataclass field with a help text (used by ``edgec init`` to annotate the file) and, for a
+    number, its sane range: ``min`` <= value <= ``max``, or ``above`` < value (see :func:`check_ranges`)."""
+    metadata = {"help": help, "min": min, "max": max, "above": above}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-__all__ = ["from_dict", "to_dict", "doc"]
+def value_range(f: dataclasses.Field) -> str | None:
+    """The field's range in words ("1 to 10000", "above 0 up to 10"), or None when it has none."""
+    lo, hi, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
+    low = f"above {above:g}" if above is not None else (f"{lo:g}" if lo is not None else None)
+    if low is None and hi is None:
+        return None
+    if hi is None:
+        return f"at least {lo:g}" if above is None else low
+    if low is None:
+        return f"at most {hi:g}"
+    return f"{low} up to {hi:g}" if above is not None else f"{low} to {hi:g}"
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise ``ValueError`` naming the first numeric field of ``obj`` outside its declared range.
+
+    Called from each config's ``__post_init__``, so values from a file, from the command line
+    (through :func:`override`) and from Python are held to the same ranges."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        lo, hi, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
+        if (lo is not None and value < lo) or (hi is not None and value > hi) or (above is not None and value <= above):
+            shown = f"{value:g}" if isinstance(value, float) else (str(value) if len(str(value)) <= 24 else f"{value:.3g}")
+            raise RangeError(f.name, f"must be {value_range(f)}, got {shown}")
+
+
+class RangeError(ValueError):
+    """A number outside its field's range; ``key`` is the field."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key} {message}")
+        self.key = key
+        self.message = message
+
+
+def override(obj: T, values: dict[str, Any], *, source: str = "command line", names: dict[str, str] | None = None) -> T:
+    """``obj`` with ``values`` (None entries ignored) set, checked like the same keys in a file:
+    types and ranges; a :class:`ConfigError` names the option (``names`` maps key -> "--option")."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return obj
+    names = names or {}
+    hints = get_type_hints(type(obj))
+    try:
+        converted = {k: _convert(hints[k], v, names.get(k, k)) for k, v in values.items()}
+        return dataclasses.replace(obj, **converted)
+    except _Bad as exc:
+        raise ConfigError(f"{exc.key}: {exc.message}" if exc.key.startswith("-") else
+                          f"{source}: {exc.key}: {exc.message}") from None
+    except RangeError as exc:
+        key = names.get(exc.key, exc.key)
+        raise ConfigError(f"{key}: {exc.message}" if key.startswith("-") else f"{source}: {key}: {exc.message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+__all__ = ["from_dict", "to_dict", "doc", "check_ranges", "override", "value_range"]

@@ -29,6 +29,7 @@ def write(tmp_path, text: str):
 
 
 def test_init_writes_an_annotated_file_that_loads(tmp_path):
+    (tmp_path / "proj" / "teacher").mkdir(parents=True)
     result = runner.invoke(app, ["init", str(tmp_path / "proj"), "--model", "teacher"])
     assert result.exit_code == 0, result.output
     path = tmp_path / "proj" / "edgec.toml"
@@ -74,7 +75,13 @@ def test_every_config_round_trips_through_json():
         ("[model]\nkind = 'hf'\n", ["model.path", "missing required key"]),
         ("[gates]\ndefault = ['agrement>=0.9']\n", ["unknown metric 'agrement'", "did you mean 'agreement'"]),
         ("[gates]\ncpu = ['agreement => 0.9']\n", ["not of the form"]),
-        ("[student]\nimage_size = 4\n", ["student", "between 16 and 1024"]),
+        ("[student]\nimage_size = 4\n", ["student.image_size", "must be 16 to 1024, got 4"]),
+        ("[distill]\nepochs = 99999999999999999999999\n", ["distill.epochs", "must be 1 to 10000"]),
+        ("[distill]\nlr = 0.0\n", ["distill.lr", "must be above 0 up to 10, got 0"]),
+        ("[distill.losses]\nlogit = 1e9\n", ["distill.losses.logit", "must be 0 to 100"]),
+        ("[calibration]\nnum_images = 0\n", ["calibration.num_images", "must be 1 to 100000"]),
+        ("[model]\npath = 'm'\ntrust_pickle = true\n", ["model.trust_pickle", "cannot allow unpickling",
+                                                         "--trust-pickle", "EDGEC_TRUST_PICKLE"]),
         ("version = 99\n", ["newer than this edgec"]),
         ("[distill\n", ["not valid TOML"]),
     ],
@@ -212,3 +219,54 @@ def test_any_bytes_as_config_load_or_fail_cleanly(tmp_path, raw):
 def test_non_finite_numbers_are_refused_where_they_are_written(tmp_path, text):
     with pytest.raises(ConfigError, match="finite number"):
         cfg.load_config(write(tmp_path, text))
+
+
+NUMERIC = (int, float, "int", "float", "int | None", "float | None")
+
+
+def _numeric_fields(section):
+    import typing
+
+    hints = typing.get_type_hints(section)
+    for f in dataclasses.fields(section):
+        args = set(typing.get_args(hints[f.name])) - {type(None)} or {hints[f.name]}
+        if args & {int, float} and bool not in args:
+            yield f
+
+
+@pytest.mark.parametrize("section", [*SECTIONS, cfg.QuantizeTarget, cfg.EdgecConfig], ids=lambda s: s.__name__)
+def test_every_numeric_key_has_a_sane_range(section):
+    from edgec.schema import value_range
+
+    fields = list(_numeric_fields(section))
+    missing = [f.name for f in fields if value_range(f) is None]
+    assert not missing, f"{section.__name__}: no range for {missing}"
+
+
+def test_cli_overrides_are_checked_like_the_file(tmp_path):
+    path = write(tmp_path, "[model]\npath = 'm'\n[data]\ntrain = 'd'\n")
+    for argv, needle in ((["--epochs", "0"], "--epochs: must be 1 to 10000, got 0"),
+                         (["--epochs", "99999999999999999999999"], "--epochs: must be 1 to 10000"),
+                         (["--lr", "nan"], "--lr: expected a finite number"),
+                         (["--batch-size", "-2"], "--batch-size: must be 1 to 65536, got -2")):
+        result = runner.invoke(app, ["distill", "--config", str(path), "--no-progress", *argv])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {needle}" or result.stderr.strip().startswith(f"error: {needle}"), result.stderr
+    result = runner.invoke(app, ["quantize", "--config", str(path), "--tolerance", "1.5"])
+    assert result.exit_code == 2 and "--tolerance: must be 0 to 0.99" in result.stderr
+
+
+def test_the_model_section_never_trusts_pickles():
+    assert cfg.ModelSection(path="m").trust_pickle is False
+    assert "trust_pickle" not in {f.name for f in dataclasses.fields(cfg.ModelSection)}
+    with pytest.raises(ConfigError, match="cannot allow unpickling"):
+        cfg.config_from_dict({"model": {"path": "m", "trust_pickle": True}})
+
+
+def test_init_writes_ranges_and_refuses_a_missing_model(tmp_path):
+    result = runner.invoke(app, ["init", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "p" / "edgec.toml").read_text()
+    assert "# passes over the training images (1 to 10000)" in text and "trust_pickle" not in text
+    result = runner.invoke(app, ["init", str(tmp_path / "q"), "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr and not (tmp_path / "q" / "edgec.toml").exists()
