@@ -165,10 +165,25 @@ def iter_tar(path: Path) -> Iterator[TarSample]:
         yield _finish(key, parts)
 
 
+def write_shard(path: Path, samples) -> None:
+    """Write ``(key, {ext: bytes})`` samples as one uncompressed tar shard (for tests and benchmarks)."""
+    import io
+    import os
+
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
 def read_member(path: Path, offset: int, size: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)
 
 
-__all__ = ["TarSample", "expand_braces", "is_shard_spec", "iter_tar", "read_member", "shard_paths"]
+__all__ = ["TarSample", "expand_braces", "is_shard_spec", "iter_tar", "read_member", "shard_paths", "write_shard"]

@@ -189,9 +189,9 @@ def _finish(model, source: Source, folder: Path, prompts: list[str], with_text: 
 
 
 def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if world > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
