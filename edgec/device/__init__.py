@@ -1,0 +1,1 @@
+"""On-device validation: verification bundles, verification over ssh, bundled checks for phones, and diagnosis."""
