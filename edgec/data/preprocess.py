@@ -150,5 +150,8 @@ def load_image(path: str | Path | bytes, *, name: str | None = None) -> Image.Im
         raise InputError(f"image not found: {where}", hint="check the path in your data folder") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"refused image {where}: {exc}", hint="resize it below the limit, or remove it") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+    except UnidentifiedImageError:
+        raise InputError(f"cannot decode image {where}: not an image format Pillow reads",
+                         hint="re-export it as PNG or JPEG, or remove it") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise InputError(f"cannot decode image {where}: {exc}", hint="re-export it as PNG or JPEG, or remove it") from None
