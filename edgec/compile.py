@@ -22,10 +22,10 @@ import numpy as np
 from . import registry
 from .config import EdgecConfig, ModelSection
 from .errors import EdgecError, InputError
+from .lock import DECISIONS_FILE
 from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, package_versions,
                        read_json, sha256_file, sha256_json, staged_dir)
 from .quantize.calibration import CalibrationSpec
-from .quantize.methods import method_for
 
 SCHEMA = 1
 TIE_MARGIN = 0.10  # latencies closer than this are a tie (sub-ms timings on a busy CPU vary by ~20 %)
@@ -33,8 +33,6 @@ TOWERS = ("image", "text")
 # metrics of the text tower and the zero-shot variant: verify checks them, image candidates cannot
 TOWER_METRIC_PREFIXES = ("text_", "artifacts_", "logits_")
 HEADS = (None, "zero-shot")
-VERSION_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "tflite": ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
-                    "pte": ("executorch", "torchao")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,15 @@ class CompileConfig:
     percentile: float = 99.999
     golden: Path | None = None  # needed to pick the fastest passing precision
     trt_version: int = 100300
+    # the CPU the artifact will run on (devices/*.toml arch + isa); empty: unknown, build what is exact on any CPU
+    isa_arch: str | None = None
+    isa: tuple[str, ...] = ()
+    tolerance: float | None = None  # quantize: keep the most sensitive layers in float until this loss holds
+    max_fallback: int = 16
+    quantized: Path | None = None  # the quantize stage's folder (reused when its inputs are unchanged)
+    lock: Path | None = None  # edgec.lock: decisions that depend on timing or search, reused while their inputs hold
+    reselect: bool = False  # decide again (time candidates, search the fallback) and rewrite the lock
+    locked: bool = False  # CI: a decision the lock does not hold already is an error (exit 2)
     towers: tuple[str, ...] = ("image",)  # "text" also compiles the teacher's text tower (fp32) + tokenizer files
     head: str | None = None  # "zero-shot": also a variant with the label text embeddings folded in (logits out)
     version: int = 1
@@ -99,7 +106,7 @@ def cache_key(config: CompileConfig) -> str:
 def _settings(config: dict) -> dict:
     """The config without where things are: the files' contents are hashed on their own, so a project
     (or a CI cache of its build folder) restored under another path still reuses its targets."""
-    settings = {k: v for k, v in config.items() if k not in ("out", "config_sha256")}
+    settings = {k: v for k, v in config.items() if k not in ("out", "config_sha256", "quantized", "lock", "reselect", "locked")}
     settings["teacher"] = {k: v for k, v in settings["teacher"].items() if k != "path"}
     for key in ("student", "head_data", "golden"):
         settings[key] = settings[key] is not None
@@ -134,17 +141,19 @@ def up_to_date(config: CompileConfig, key: str) -> dict | None:
 def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: bool = False) -> CompileOutputs | None:
     """Build the target folder, or reuse it when its inputs are unchanged; ``cached_only``: return None instead of building."""
     key = cache_key(config)
-    if not force and (cached := up_to_date(config, key)) is not None:
+    if not force and not config.reselect and (cached := up_to_date(config, key)) is not None:
         log(f"{config.target}: up to date in {config.out} (inputs unchanged; --force rebuilds)")
         return CompileOutputs(config.out, cached, cached=True)
-    if not force and (cached := _regated(config, key, log)) is not None:
+    if not force and not config.reselect and (cached := _regated(config, key, log)) is not None:
         return CompileOutputs(config.out, cached, cached=True)
     if cached_only:
         return None
+    from . import lock as decisions
     from .backends import get_backend
     from .data.folder import read_folder
     from .models.intake import load_image_source
     from .models.zeroshot import class_text_embeddings
+    from .runtime.isa import host_isa, target_isa
 
     t0 = time.time()
     entry = registry.get("targets", config.target)
@@ -165,6 +174,118 @@ def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: b
 
     h, w = preprocess.size
     shape = (1, 3, h, w) if target.layout == "NCHW" else (1, h, w, 3)
+    isa = target_isa(config.isa, config.isa_arch)
+    options = {"trt_version": config.trt_version, "target_isa": isa}
+    lockfile = decisions.DecisionLock(config.lock, reselect=config.reselect, locked=config.locked)
+    blog = _prefixed(config.target, log)
+    quantize = _quantize_stage(config, target, backend, encoder, preprocess, options, lockfile, blog, force=force)
+
+    with staged_dir(config.out) as tmp:
+        work = tmp / ".candidates"
+        work.mkdir()
+        built = backend.build(encoder.eval(), shape, spec=target, work=work, quantize=quantize, options=options, log=blog)
+        sources["calibration"] = built.calibration_sha256
+        gates = list(config.gates) or list(target.gates)
+        selection = _select(built.candidates, target, gates, config, preprocess, log, lockfile)
+        chosen = built.candidates[selection["chosen"]]
+        shipped = tmp / chosen.name
+        for f in backend.artifact_files(chosen):
+            f.replace(tmp / f.name)
+        variants = _place_variants(built.variants, tmp, blog)
+        shutil.rmtree(work)
+        for name, content in built.files.items():
+            if built.files_for.get(name, selection["chosen"]) != selection["chosen"]:
+                continue  # e.g. TensorRT's calibration cache: only meaningful beside an int8 artifact
+            atomic_write_text(tmp / name, content)
+        artifacts = [file_record(shipped, tmp, format=built.format, runtime=target.runtime, precision=selection["chosen"],
+                                 tower="image")]
+        for companion in backend.artifact_files(shipped)[1:]:
+            artifacts[0].setdefault("companions", []).append(file_record(companion, tmp))
+        io_records = backend.io_records(shipped, built.io, target) if backend.io_records else built.io
+        engine = backend.recipe(tmp, shipped, selection["chosen"], target, options) if backend.recipe else None
+        accelerator = _accelerator_report(target, backend, built, selection["chosen"], shipped, tmp, blog)
+        head = None
+        if text is not None:
+            atomic_write_json(tmp / "labels.json", labels)
+            buf = io.BytesIO()
+            np.save(buf, text.astype(np.float16))
+            atomic_write_bytes(tmp / "text_embeddings.npy", buf.getvalue())
+            head = {"kind": "zero-shot", "labels": "labels.json", "text_embeddings": "text_embeddings.npy",
+                    "prompts": list(config.prompts), "logit_scale": teacher.logit_scale}
+        towers = {"image": {"built": True, "artifact": shipped.name}}
+        if "text" in config.towers:
+            from .towers import text_tower
+
+            towers["text"] = text_tower(config.target, teacher, target, backend, tmp,
+                                        _check_texts(labels, config.prompts, head_folder), blog)
+            if towers["text"]["built"]:
+                artifacts.append(towers["text"].pop("record"))
+        if config.head == "zero-shot":
+            from .towers import zero_shot_variant
+
+            zs = zero_shot_variant(config.target, target, backend, encoder, shape, shipped, selection["chosen"], text,
+                                   teacher, _quantize_stage(config, target, backend, None, preprocess, options, None,
+                                                            lambda _: None, variant=True),
+                                   options, tmp, blog)
+            if zs["built"]:
+                artifacts.append(zs.pop("record"))
+            if head is not None:
+                head["logits"] = zs.get("artifact")
+                if not zs["built"]:
+                    head["logits_not_built"] = zs["reason"]
+        inputs = [dict(r, preprocess=preprocess.to_json()) for r in io_records["inputs"]]
+        quantization = None
+        if built.quantization is not None:
+            quantization = dict(built.quantization, shipped=selection["chosen"] == "int8", quantizer=target.quantizer)
+            quantization.pop("delegation", None)
+        manifest = {
+            "schema": SCHEMA,
+            "target": config.target,
+            "device": config.device,
+            "model": model_name,
+            "artifacts": artifacts,
+            "inputs": inputs,
+            "outputs": io_records["outputs"],
+            "head": head,
+            "towers": towers,
+            "sources": sources,
+            "versions": package_versions("torch", *backend.packages),
+            "isa": {"build_host": host_isa().record(),  # where the selection's figures were measured
+                    "target": None if isa is None else isa.record(), "int8_form": built.int8_form},
+            "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1),
+                      "cache_key": key, "inputs_key": cache_key(dataclasses.replace(config, gates=()))},
+            "gates": gates,
+            "selection": selection,
+            "quantization": quantization,
+            "tensorrt": engine,
+            "ops": accelerator,
+            "delegation": {"shipped": built.delegation[selection["chosen"]], "candidates": built.delegation}
+            if built.delegation else None,
+            "variants": variants or None,
+            "metrics": None,
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    lockfile.save(log)
+    return CompileOutputs(config.out, manifest)
+
+
+def _prefixed(target: str, log):
+    def blog(text: str) -> None:
+        log(f"{target}: {text}")
+
+    return blog
+
+
+def _quantize_stage(config: CompileConfig, target, backend, encoder, preprocess, options: dict, lockfile, log, *,
+                    variant: bool = False, force: bool = False):
+    """The quantize stage as the backend calls it: ``quantize(make_program, out) -> stage.Result``.
+
+    Calibration is loaded once, when a program needs it; the stage folder (``config.quantized``) is reused
+    when the program's inputs are unchanged; a tolerance runs the fallback search (or takes the lock's
+    decision). ``variant``: the zero-shot variant's program (all int8, not cached: its layers differ);
+    ``force``: quantize again even when the stage folder is up to date."""
+    from .quantize import stage
+
     calib_cache: dict = {}
 
     def calibration():
@@ -177,86 +298,48 @@ def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: b
             calib_cache["set"] = load_calibration(config.calibration, preprocess)
         return calib_cache["set"]
 
-    def blog(text: str) -> None:
-        log(f"{config.target}: {text}")
+    def evaluator():
+        return stage.float_reference(encoder, target.normalize_output, config.golden, preprocess, calibration, 64)
 
-    with staged_dir(config.out) as tmp:
-        work = tmp / ".candidates"
-        work.mkdir()
-        built = backend.build(encoder.eval(), shape, spec=target, work=work, calibration=calibration, method=config.method,
-                              percentile=config.percentile, trt_version=config.trt_version, log=blog)
-        sources["calibration"] = built.calibration_sha256
-        gates = list(config.gates) or list(target.gates)
-        selection = _select(built.candidates, target, gates, config, preprocess, log)
-        chosen = built.candidates[selection["chosen"]]
-        shipped = tmp / chosen.name
-        chosen.replace(shipped)
-        variants = _place_variants(built.variants, tmp, blog)
-        shutil.rmtree(work)
-        for name, content in built.files.items():
-            if name == "calibration.cache" and selection["chosen"] != "int8":
-                continue  # only meaningful beside an int8 artifact
-            atomic_write_text(tmp / name, content)
-        artifacts = [file_record(shipped, tmp, format=built.format, runtime=target.runtime, precision=selection["chosen"],
-                                 tower="image")]
-        io_records = built.io
-        if built.format == "tflite":
-            io_records = backend.tensor_records(shipped, normalized=target.normalize_output)
-        engine = None
-        if target.runtime == "tensorrt":
-            engine = _tensorrt_recipe(tmp, shipped, selection["chosen"], config)
-        accelerator = _accelerator_report(target, built, selection["chosen"], shipped, tmp, blog)
-        head = None
-        if text is not None:
-            atomic_write_json(tmp / "labels.json", labels)
-            buf = io.BytesIO()
-            np.save(buf, text.astype(np.float16))
-            atomic_write_bytes(tmp / "text_embeddings.npy", buf.getvalue())
-            head = {"kind": "zero-shot", "labels": "labels.json", "text_embeddings": "text_embeddings.npy",
-                    "prompts": list(config.prompts), "logit_scale": teacher.logit_scale}
-        towers = {"image": {"built": True, "artifact": shipped.name}}
-        if "text" in config.towers:
-            towers["text"] = _text_tower(config.target, teacher, target, backend, tmp, _check_texts(labels, config.prompts, head_folder), blog)
-            if towers["text"]["built"]:
-                artifacts.append(towers["text"].pop("record"))
-        if config.head == "zero-shot":
-            zs = _zero_shot_variant(config, target, backend, encoder, shape, shipped, selection["chosen"], text, teacher,
-                                    calibration, tmp, blog)
-            if zs["built"]:
-                artifacts.append(zs.pop("record"))
-            if head is not None:
-                head["logits"] = zs.get("artifact")
-                if not zs["built"]:
-                    head["logits_not_built"] = zs["reason"]
-        inputs = [dict(r, preprocess=preprocess.to_json()) for r in io_records["inputs"]]
-        manifest = {
-            "schema": SCHEMA,
-            "target": config.target,
-            "device": config.device,
-            "model": model_name,
-            "artifacts": artifacts,
-            "inputs": inputs,
-            "outputs": io_records["outputs"],
-            "head": head,
-            "towers": towers,
-            "sources": sources,
-            "versions": package_versions("torch", *VERSION_PACKAGES[built.format]),
-            "build": {"backend": target.backend, "opset": io_records.get("opset"), "seconds": round(time.time() - t0, 1),
-                      "cache_key": key, "inputs_key": cache_key(dataclasses.replace(config, gates=()))},
-            "gates": gates,
-            "selection": selection,
-            "tensorrt": engine,
-            "ops": accelerator,
-            "delegation": {"shipped": built.delegation[selection["chosen"]], "candidates": built.delegation}
-            if built.delegation else None,
-            "variants": variants or None,
-            "metrics": None,
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
-    return CompileOutputs(config.out, manifest)
+    def measure(path: Path) -> dict:
+        from .bench import measure_artifact
 
+        x_shape = [1, 3, *preprocess.size] if target.layout == "NCHW" else [1, *preprocess.size, 3]
+        return measure_artifact(path, target.runtime, x_shape, os.cpu_count() or 1, runs=20, warmup=3)
 
-TEXT_SUFFIX = {"onnx": "onnx", "litert": "tflite", "executorch": "pte"}
+    def quantize(make_program, out: Path) -> stage.Result:
+        settings = stage.Settings(method=config.method, percentile=config.percentile,
+                                  tolerance=None if variant else config.tolerance, max_fallback=config.max_fallback)
+        if variant:
+            program = make_program(calibration(), config.method, config.percentile)
+            return stage.run(program, settings, out, log=log)
+        key = stage.stage_key({"inputs": cache_key(dataclasses.replace(config, gates=(), head=None, towers=("image",))),
+                               "artifact": out.name})
+        if config.tolerance is not None:
+            decided = lockfile.get(config.target, "float_layers", key)
+            if decided is not None:
+                settings = dataclasses.replace(settings, float_layers=tuple(decided["float_layers"]), decision=decided)
+        hit = None if force else stage.cached(config.quantized, key, out.name)
+        if hit is not None and (settings.float_layers is None and config.tolerance is None
+                                or [la["name"] for la in hit.record.get("float_layers", [])] == list(settings.float_layers or [])):
+            shutil.copy2(hit.path, out)
+            log(f"quantize: reused {config.quantized} (inputs unchanged)")
+            return stage.Result(out, hit.files, hit.record, cached=True)
+        program = make_program(calibration(), config.method, config.percentile)
+        log(f"quantize: {program.description}, {len(program.layers)} quantizable layers, "
+            f"{program.calibration_images} calibration images")
+        result = stage.run(program, settings, out, evaluator=evaluator, measure=measure,
+                           log=lambda s: log(f"quantize: {s}"))
+        if getattr(program, "report", None) is not None:
+            result.record["delegation"] = program.report
+        if config.tolerance is not None and settings.float_layers is None:
+            lockfile.put(config.target, "float_layers", key,
+                         {"float_layers": [la["name"] for la in result.record["float_layers"]],
+                          "layers": result.record["float_layers"], "search": result.record["search"]})
+        stage.save(config.quantized, key, result)
+        return result
+
+    return quantize
 
 
 def _check_texts(labels: list[str], prompts: tuple[str, ...], folder) -> list[str]:
@@ -265,158 +348,6 @@ def _check_texts(labels: list[str], prompts: tuple[str, ...], folder) -> list[st
     if folder is not None and folder.has_captions:
         texts += [c for it in folder.items for c in it.captions]
     return texts or ["a photo of a thing."]
-
-
-def _text_tower(name: str, teacher, target, backend, folder: Path, texts: list[str], log) -> dict:
-    """The teacher's text tower (fp32, int32 token ids, no ArgMax) and its tokenizer files in ``folder/tokenizer``.
-
-    fp32 because it runs once per label set (or per query), not per image: its latency matters little and
-    int8 would only cost agreement. Returns {"built": True, "record": artifact record} or {"built": False,
-    "reason": ...} (the image artifact ships either way; the reason goes into the manifest)."""
-    import numpy as np
-
-    from .models.text_export import ship_tokenizer, text_export_module
-    from .runtime.tokenize import tokenize
-
-    if target.constraints.fully_integer or target.constraints.supported_ops:
-        reason = (f"target {name} runs fully integer image models on an accelerator; a text tower (token "
-                  "embedding gather, LayerNorm, attention) does not map onto it. Compile the text tower for cpu, "
-                  "android or ios; for zero-shot use ship text_embeddings.npy (written here)")
-        log(f"text tower not built: {reason}")
-        return {"built": False, "reason": reason}
-    if not hasattr(backend, "export_text") or target.backend not in TEXT_SUFFIX:
-        reason = f"the {target.backend} backend has no text-tower export"
-        log(f"text tower not built: {reason}")
-        return {"built": False, "reason": reason}
-    tok_dir = folder / "tokenizer"
-    try:
-        module, pooling = text_export_module(teacher)
-        tokenizer = ship_tokenizer(teacher, tok_dir, check=texts)
-        path = folder / f"text.fp32.{TEXT_SUFFIX[target.backend]}"
-        length = pooling["context_length"]
-        if target.backend == "onnx":
-            io_records = backend.export_text(module, length, path, dynamic_batch=not target.constraints.static_shapes)
-        else:
-            io_records = backend.export_text(module, length, path)
-    except InputError as exc:
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        for f in folder.glob("text.fp32.*"):
-            f.unlink()
-        log(f"text tower not built: {exc}")
-        return {"built": False, "reason": str(exc)}
-    # the artifact in its own runtime against the eager teacher, on every text the tokenizer was checked on
-    from .runtime.runners import open_runner
-
-    ids = tokenize(teacher.tokenizer, texts)
-    got = open_runner(path, target.runtime)(ids)
-    ref = teacher.encode_text(torch_ids(ids)).numpy()
-    cos = np.sum(got * ref, axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-    check = {"texts": len(texts), "max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min())}
-    log(f"text tower: fp32 {path.name} ({path.stat().st_size / 1e6:.2f} MB), int32 ids of length {length}, "
-        f"pooling: {pooling['how']}; vs eager teacher on {len(texts)} texts: max |diff| {check['max_abs_diff']:.2e}")
-    record = file_record(path, folder, format=TEXT_SUFFIX[target.backend], runtime=target.runtime, precision="fp32",
-                         tower="text", inputs=io_records["inputs"], outputs=io_records["outputs"], tokenizer=tokenizer,
-                         pooling=pooling, check=check)
-    if io_records.get("delegation"):
-        record["delegation"] = io_records["delegation"]
-    if target.runtime == "tensorrt":
-        record["engine_not_built"] = (f"build its engine on the device like the image model's: trtexec --onnx={path.name} "
-                                      "--saveEngine=text.engine (fp32 ONNX; add --fp16 only after checking the cosine)")
-    return {"built": True, "record": record, "artifact": path.name}
-
-
-ZERO_SHOT_NAME = "model.zeroshot"
-
-
-def _zero_shot_variant(config: CompileConfig, target, backend, encoder, shape, shipped: Path, precision: str, text,
-                       teacher, calibration, folder: Path, log) -> dict:
-    """The image model with the head folded in: logits = logit_scale * normalize(image) @ text.T (+ logit_bias).
-
-    ``text`` are the label embeddings as shipped in text_embeddings.npy (fp16, widened), so the logits
-    artifact decides exactly as an app using the embedding artifact and the head files. ONNX: the nodes
-    are appended to the shipped graph (same image part, int8 Q/DQ included); other backends build the
-    wrapped model again at the shipped precision (re-quantized: top-1 may differ on near-ties)."""
-    import numpy as np
-
-    if text is None:
-        reason = "no label text embeddings (the eval/train folder has no class sub-folders, or the teacher no text tower)"
-    elif target.constraints.fully_integer:
-        reason = (f"target {config.target} must stay fully integer, and the folded head normalises in float; "
-                  "apply text_embeddings.npy in the app")
-    else:
-        reason = None
-    if reason:
-        log(f"zero-shot variant not built: {reason}")
-        return {"built": False, "reason": reason}
-    matrix = np.asarray(text, np.float16).astype(np.float32)  # (C, D), exactly text_embeddings.npy
-    bias = teacher.logit_bias
-    if target.backend == "onnx":
-        path = folder / f"{ZERO_SHOT_NAME}.onnx"
-        _fold_head_onnx(shipped, path, matrix, teacher.logit_scale, bias, normalize=not target.normalize_output)
-        expected = 1.0
-        inputs = None
-    else:
-        import torch
-
-        from .backends.onnx import ZeroShotLogits
-
-        spec = dataclasses.replace(target, precisions=[precision], normalize_output=False)
-        work = folder / ".zeroshot"
-        work.mkdir()
-        module = ZeroShotLogits(encoder, torch.from_numpy(matrix), teacher.logit_scale, bias).eval()
-        built = backend.build(module, shape, spec=spec, work=work, calibration=calibration, method=config.method,
-                              percentile=config.percentile, trt_version=config.trt_version, log=lambda _: None)
-        src = built.candidates[precision]
-        path = folder / f"{ZERO_SHOT_NAME}{src.suffix}"
-        src.replace(path)
-        shutil.rmtree(work)
-        expected = 0.97 if precision == "int8" else 1.0
-        inputs = backend.tensor_records(path, normalized=False)["inputs"] if built.format == "tflite" else None
-    log(f"zero-shot variant: {path.name} ({precision}, {len(matrix)} labels folded in, logits out)")
-    record = file_record(path, folder, format=TEXT_SUFFIX[target.backend], runtime=target.runtime, precision=precision,
-                         tower="zero-shot", labels="labels.json",
-                         outputs=[{"name": "logits", "shape": [1, len(matrix)], "dtype": "float32"}],
-                         expected_logits_agreement=expected)
-    if inputs is not None:
-        record["inputs"] = inputs
-    return {"built": True, "record": record, "artifact": path.name}
-
-
-def _fold_head_onnx(src: Path, dst: Path, text, scale: float, bias: float | None, *, normalize: bool) -> None:
-    """Append normalize (when the graph does not) -> MatMul(text.T) -> Mul(scale) [-> Add(bias)] to ``src``'s output."""
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(src))
-    g = model.graph
-    out = g.output[0]
-    x = out.name
-    nodes = []
-    if normalize:
-        nodes.append(helper.make_node("LpNormalization", [x], ["zs_normalized"], axis=-1, p=2))
-        x = "zs_normalized"
-    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(text.T, np.float32), "zs_text"),
-                          numpy_helper.from_array(np.asarray(scale, np.float32), "zs_scale")])
-    nodes += [helper.make_node("MatMul", [x, "zs_text"], ["zs_sims"]),
-              helper.make_node("Mul", ["zs_sims", "zs_scale"], ["logits" if bias is None else "zs_scaled"])]
-    if bias is not None:
-        g.initializer.append(numpy_helper.from_array(np.asarray(bias, np.float32), "zs_bias"))
-        nodes.append(helper.make_node("Add", ["zs_scaled", "zs_bias"], ["logits"]))
-    g.node.extend(nodes)
-    batch = out.type.tensor_type.shape.dim[0]
-    logits = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
-                                           [batch.dim_param or batch.dim_value, int(text.shape[0])])
-    del g.output[:]
-    g.output.append(logits)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
-
-
-def torch_ids(ids):
-    import torch
-
-    return torch.from_numpy(ids.astype("int64"))
 
 
 def _place_variants(variants: dict[str, dict], folder: Path, log) -> dict:
@@ -434,34 +365,9 @@ def _place_variants(variants: dict[str, dict], folder: Path, log) -> dict:
     return out
 
 
-def _tensorrt_recipe(folder: Path, onnx_file: Path, precision: str, config: CompileConfig) -> dict:
-    """build_engine.sh with the trtexec command; engines are specific to the TensorRT version and GPU,
-    so they are built on the device. Returns the manifest's 'tensorrt' record."""
-    flags = ["--int8", "--fp16"] if precision == "int8" else ["--fp16"] if precision == "fp16" else []
-    cmd = " ".join(["trtexec", f"--onnx={onnx_file.name}", *flags, "--memPoolSize=workspace:1024",
-                    "--saveEngine=model.engine", "--skipInference"])
-    script = f"""#!/usr/bin/env bash
-# Build the TensorRT engine on the Jetson itself: an engine is tied to the TensorRT version and
-# the GPU it was built on. {onnx_file.name} carries explicit Q/DQ int8 nodes (TensorRT's
-# explicit quantization); --fp16 lets layers without Q/DQ run in fp16 instead of fp32.
-# calibration.cache holds the same activation ranges in TensorRT's cache format (version-specific).
-set -euo pipefail
-cd "$(dirname "$0")"
-command -v trtexec >/dev/null || {{ echo "trtexec not found: it ships with TensorRT (JetPack: /usr/src/tensorrt/bin)" >&2; exit 3; }}
-{cmd}
-echo "wrote $(pwd)/model.engine"
-"""
-    path = folder / "build_engine.sh"
-    atomic_write_text(path, script)
-    path.chmod(0o755)
-    return {"build_script": "build_engine.sh", "command": cmd, "engine": None, "trt_version_for_cache": config.trt_version,
-            "engine_not_built": "TensorRT engines are built on the device: run build_engine.sh there "
-                                "(this machine has no TensorRT GPU build)"}
-
-
-def _accelerator_report(target, built, chosen: str, shipped: Path, folder: Path, log) -> dict | None:
+def _accelerator_report(target, backend, built, chosen: str, shipped: Path, folder: Path, log) -> dict | None:
     """The shipped artifact's op report (float ops; for accelerators the share that maps and the first
-    op that does not) and, for the Edge TPU, edgetpu_compiler's own verdict when it is installed."""
+    op that does not) and a vendor compiler's own verdict when the backend has one."""
     if built.report is None:
         return None
     report = dict(built.report[chosen])
@@ -472,29 +378,29 @@ def _accelerator_report(target, built, chosen: str, shipped: Path, folder: Path,
             where = f" in layer {first['layer']}" if first.get("layer") else ""
             log(f"first op off the accelerator: #{first['index']} {first['op']}{where} ({'; '.join(first['reasons'])}); "
                 f"it and every op after it run on the CPU")
-    if target.accelerator_compiler == "edgetpu_compiler":
-        from .backends.litert import run_edgetpu_compiler
-
-        compiled = run_edgetpu_compiler(shipped, folder)
-        report["edgetpu_compiler"] = compiled if compiled is not None else {
-            "ran": False, "reason": "edgetpu_compiler is not on PATH: the mapping above is edgec's check against the "
-                                    "Edge TPU's documented op list and constraints; install the compiler for its own verdict"}
+    if backend.accelerator_compile is not None:
+        verdict = backend.accelerator_compile(shipped, folder, target)
+        if verdict is not None:
+            report[target.accelerator_compiler or "accelerator_compiler"] = verdict
     return report
 
 
-def _select(candidates: dict[str, Path], target, gates: list[str], config: CompileConfig, preprocess, log) -> dict:
-    """'fastest-passing': time and verify every candidate here, ship the fastest that passes the gates.
+def _select(candidates: dict[str, Path], target, gates: list[str], config: CompileConfig, preprocess, log,
+            lockfile=None) -> dict:
+    """'fastest-passing': verify every candidate here, ship the fastest that passes the gates; the choice is
+    recorded in the lock file and reused while its inputs (and the gates) are unchanged, without timing again.
     'first': ship the first precision listed (targets whose runtime cannot be measured on this machine)."""
     names = list(candidates)
     if target.select == "first" or len(names) == 1 and config.golden is None:
         return {"policy": "first", "chosen": names[0], "candidates": [{"precision": n} for n in names]}
-    from .bench import measure_artifact
     from .verify.golden import load_golden
     from .verify.run import check_gates, compute_metrics, golden_inputs
 
     if config.golden is None:
         raise InputError(f"target {config.target} picks the fastest passing precision and needs the golden set",
                          hint="run 'edgec golden' first")
+    inputs = sha256_json({"inputs": cache_key(dataclasses.replace(config, gates=())), "gates": gates})
+    decided = lockfile.get(config.target, "precision", inputs) if lockfile is not None else None
     golden = load_golden(config.golden)
     x = golden_inputs(golden, preprocess)
     from .runtime.runners import open_runner
@@ -502,13 +408,26 @@ def _select(candidates: dict[str, Path], target, gates: list[str], config: Compi
     rows = []
     for name, path in candidates.items():
         metrics = compute_metrics(open_runner(path, target.runtime)(x), golden)
-        timing = measure_artifact(path, target.runtime, [1, *x.shape[1:]], os.cpu_count() or 1, runs=30, warmup=5)
         results = [r for r in check_gates(metrics, gates) if not r["metric"].startswith(TOWER_METRIC_PREFIXES)]
-        rows.append({"precision": name, "bytes": path.stat().st_size, "median_ms": timing["median_ms"],
+        rows.append({"precision": name, "bytes": path.stat().st_size,
                      "metrics": {k: metrics[k] for k in ("agreement", "cosine_mean", "cosine_p1", "accuracy") if k in metrics},
                      "passed": all(r["passed"] for r in results)})
-        log(f"{config.target}: candidate {name}: {timing['median_ms']:.2f} ms, "
-            + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1]["metrics"].items()) + (" (passes)" if rows[-1]["passed"] else " (fails gates)"))
+    if decided is not None and any(r["precision"] == decided.get("chosen") and r["passed"] for r in rows):
+        timed = {c.get("precision"): c.get("median_ms") for c in decided.get("candidates", [])}
+        for r in rows:
+            r["median_ms"] = timed.get(r["precision"])
+        log(f"{config.target}: shipping {decided['chosen']} (decided earlier, from {config.lock.name}; "
+            "--reselect times the candidates again)")
+        return {"policy": "fastest-passing", "tie_margin": TIE_MARGIN, "chosen": decided["chosen"], "decided_by": "lock",
+                "candidates": rows}
+    from .bench import measure_artifact
+
+    for r in rows:
+        path = candidates[r["precision"]]
+        r["median_ms"] = measure_artifact(path, target.runtime, [1, *x.shape[1:]], os.cpu_count() or 1, runs=30,
+                                          warmup=5)["median_ms"]
+        log(f"{config.target}: candidate {r['precision']}: {r['median_ms']:.2f} ms, "
+            + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()) + (" (passes)" if r["passed"] else " (fails gates)"))
     passing = [r for r in rows if r["passed"]]
     if not passing:
         from .errors import GateFailed
@@ -517,7 +436,13 @@ def _select(candidates: dict[str, Path], target, gates: list[str], config: Compi
                          hint="see the candidate lines above; distil longer or relax the gates")
     chosen = _choose(passing)
     log(f"{config.target}: shipping {chosen} (fastest that passes; within {TIE_MARGIN:.0%} the earlier-listed precision wins)")
-    return {"policy": "fastest-passing", "tie_margin": TIE_MARGIN, "chosen": chosen, "candidates": rows}
+    if lockfile is not None:
+        lockfile.put(config.target, "precision", inputs, {
+            "chosen": chosen, "gates": gates,
+            "candidates": [{"precision": r["precision"], "median_ms": round(r["median_ms"], 4), "passed": r["passed"]}
+                           for r in rows]})
+    return {"policy": "fastest-passing", "tie_margin": TIE_MARGIN, "chosen": chosen, "decided_by": "timing",
+            "candidates": rows}
 
 
 def _choose(passing: list[dict]) -> str:
@@ -590,11 +515,13 @@ def check_device(manifest: dict, folder: Path, device_name: str) -> list[str]:
     return notes
 
 
-def ensure_golden(cfg: EdgecConfig, target: str, log=print) -> Path:
-    """``<build>/golden``, computed first when ``target`` picks its precision against it and it is missing."""
+def ensure_golden(cfg: EdgecConfig, target: str, log=print, *, needed: bool = False) -> Path:
+    """``<build>/golden``, computed first when ``target`` picks its precision against it (or ``needed``: a
+    quantize tolerance measures against it) and it is missing."""
     golden = cfg.resolve(cfg.targets.out) / "golden"
     spec = registry.get("targets", target).spec
-    if spec.select == "fastest-passing" and len(spec.precisions) > 1 and not (golden / "golden.json").is_file():
+    picks = spec.select == "fastest-passing" and len(spec.precisions) > 1
+    if (picks or needed) and not (golden / "golden.json").is_file():
         if cfg.data.eval is None:
             raise InputError(f"target {target} measures its candidates against the golden set, which needs [data] eval")
         from .verify.golden import GoldenConfig, build_golden
@@ -608,11 +535,14 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                         config_path: Path | None = None, progress: bool = True, device: str | None = None,
                         force: bool = False, log=print, student_dir: Path | None = None,
                         towers: tuple[str, ...] | None = None, head: str | None = None,
-                        cached_only: bool = False) -> CompileOutputs | None:
+                        cached_only: bool = False, reselect: bool = False, locked: bool = False) -> CompileOutputs | None:
     """Compile ``target`` from edgec.toml, distilling the student first when it is missing or its inputs
     changed (``student_dir``: a student folder already made for this target). ``towers`` and ``head``
     ("embedding" or "zero-shot") override ``[targets] towers`` and ``head``. ``cached_only``: None unless
-    the target folder is up to date (nothing is built)."""
+    the target folder is up to date (nothing is built). Decisions that depend on timing or search are
+    read from and written to ``edgec.lock`` beside the config (``reselect``: decide again; ``locked``:
+    fail instead of changing it)."""
+    from .backends import get as get_backend_record
     from .distill import DistillConfig
     from .distill.stage import ensure_student
 
@@ -634,14 +564,22 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
     if cfg.calibration.path:
         calibration = CalibrationSpec(cfg.resolve(cfg.calibration.path), cfg.calibration.num_images,
                                       cfg.calibration.min_images, cfg.calibration.seed, cfg.data.max_bad_fraction)
-    golden = ensure_golden(cfg, target, log)
     spec = registry.get("targets", target).spec
+    tolerance = cfg.quantize.tolerance_for(target) if "int8" in spec.precisions else None
+    golden = ensure_golden(cfg, target, log, needed=tolerance is not None)
+    method = cfg.quantize.method_for(target)
+    if "int8" in spec.precisions:  # a method the target's quantizer does not honour is refused, never replaced
+        method = get_backend_record(spec.backend).method(spec.quantizer, method, where=f"target {target}: ")
+    root = config_path.resolve().parent if config_path else cfg.root
     ccfg = CompileConfig(target=target, out=out or build / target, teacher=teacher,
                          source="teacher" if no_distill else "student", student=student_dir, head_data=head_data,
                          prompts=tuple(cfg.data.prompts), captions_file=cfg.data.captions, device=device,
                          config_sha256=config_sha, gates=tuple(cfg.gates_for(target)), calibration=calibration,
                          trt_version=trt_version_code(dev.runtimes["tensorrt"]) if dev and "tensorrt" in dev.runtimes else 100300,
-                         method=method_for(spec.backend, cfg.quantize.method), percentile=cfg.quantize.percentile,
+                         isa_arch=getattr(dev, "arch", None), isa=tuple(getattr(dev, "isa", None) or ()),
+                         method=method, percentile=cfg.quantize.percentile, tolerance=tolerance,
+                         max_fallback=cfg.quantize.max_fallback, quantized=build / "quantized" / target,
+                         lock=Path(root) / DECISIONS_FILE, reselect=reselect, locked=locked,
                          golden=golden if (golden / "golden.json").is_file() else None,
                          towers=tuple(towers or cfg.targets.towers),
                          head=None if (head or cfg.targets.head) == "embedding" else (head or cfg.targets.head))
@@ -654,134 +592,10 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
     return result
 
 
-@dataclass
-class TargetResult:
-    """One target of :func:`compile_many`: its outputs, or the error that stopped it."""
+def __getattr__(name: str):  # the process pool has its own module; these names stay importable from here
+    if name in ("compile_many", "TargetResult"):
+        from . import compile_many as pool
 
-    target: str
-    status: Literal["ran", "cached", "failed"]
-    seconds: float
-    output: CompileOutputs | None = None
-    error: str | None = None
-    hint: str | None = None
-    exit_code: int | None = None  # the EdgecError's exit code; None for an unexpected exception (a bug)
+        return getattr(pool, name)
+    raise AttributeError(name)
 
-
-def compile_many(cfg: EdgecConfig, targets: list[str], *, jobs: int | None = None, no_distill: bool = False,
-                 config_path: Path | None = None, progress: bool = True, device: str | None = None, force: bool = False,
-                 towers: tuple[str, ...] | None = None, head: str | None = None,
-                 student_dirs: dict[str, Path] | None = None, log=print) -> dict[str, TargetResult]:
-    """Compile several targets: the distinct students distilled first (serially, each once) and the golden
-    set made, then the targets in parallel, each in its own process (torch exports are not thread-safe),
-    ``jobs`` at a time (default: min(targets, cores)). Every target runs to its end: the results hold each
-    one's outputs or error. Log lines of the workers come prefixed with their target.
-
-    ``student_dirs`` (target -> student folder) skips the distillation step for those targets (``edgec
-    release`` distils on its own). The caller holds the build lock; the workers do not take it."""
-    from .distill import DistillConfig
-    from .distill.stage import ensure_student
-
-    for t in targets:
-        registry.get("targets", t)  # unknown names fail before any work
-    if cfg.model is None:
-        raise InputError("edgec.toml has no [model] section", hint="add [model] path = ...")
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(targets)))
-    students = dict(student_dirs or {})
-    if not no_distill:
-        made: dict[Path, Path] = {}
-        for t in targets:
-            if t in students:
-                continue
-            dcfg = DistillConfig.from_edgec(cfg, target=t)
-            if dcfg.out not in made:
-                made[dcfg.out] = ensure_student(dcfg, progress=progress, log=log, label=f"distill {dcfg.student}").student
-            students[t] = made[dcfg.out]
-    for t in targets:  # before the workers start, so that no two of them compute it at once
-        ensure_golden(cfg, t, log)
-    kwargs = {"no_distill": no_distill, "config_path": config_path, "device": device, "force": force,
-              "towers": towers, "head": head}
-    results: dict[str, TargetResult] = {}
-    if not force:  # up-to-date targets are settled here: a worker process costs seconds of start-up
-        for t in targets:
-            with contextlib.suppress(EdgecError):  # its own run reports the error
-                if (res := compile_from_config(cfg, t, progress=False, log=log, student_dir=students.get(t),
-                                               cached_only=True, **kwargs)) is not None:
-                    results[t] = TargetResult(t, "cached", 0.0, output=res)
-    todo = [t for t in targets if t not in results]
-    if len(todo) <= 1 or jobs == 1:
-        results.update({t: _compile_one(cfg, t, students.get(t), kwargs, log, threads=None) for t in todo})
-    else:
-        results.update(_compile_parallel(cfg, todo, students, kwargs, min(jobs, len(todo)), log))
-    return {t: results[t] for t in targets}
-
-
-def _compile_one(cfg: EdgecConfig, target: str, student_dir: Path | None, kwargs: dict, log, threads: int | None) -> TargetResult:
-    from .errors import EdgecError
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    t0 = time.time()
-    try:
-        res = compile_from_config(cfg, target, progress=False, log=log, student_dir=student_dir, **kwargs)
-    except EdgecError as exc:
-        log(f"{target}: FAILED: {exc}")
-        return TargetResult(target, "failed", round(time.time() - t0, 1), error=exc.message, hint=exc.hint,
-                            exit_code=exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - one target's bug must not lose the others' results
-        import traceback
-
-        log(f"{target}: FAILED with an unexpected error: {type(exc).__name__}: {exc}")
-        return TargetResult(target, "failed", round(time.time() - t0, 1), error=f"{type(exc).__name__}: {exc}",
-                            hint="this is a bug in edgec; the traceback: " + traceback.format_exc(limit=-3)[-1500:])
-    return TargetResult(target, "cached" if res.cached else "ran", round(time.time() - t0, 1), output=res)
-
-
-def _worker(cfg: EdgecConfig, target: str, student_dir: Path | None, kwargs: dict, queue, threads: int) -> TargetResult:
-    """One target in a fresh process; log lines go back through ``queue``."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    return _compile_one(cfg, target, student_dir, kwargs, queue.put, threads)
-
-
-def _compile_parallel(cfg: EdgecConfig, targets: list[str], students: dict, kwargs: dict, jobs: int, log) -> dict:
-    import multiprocessing as mp
-    import threading
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log(f"compiling {len(targets)} targets, {jobs} at a time, each in its own process ({threads} thread(s) each): "
-        + ", ".join(targets))
-    log("note: the fastest-passing choice times candidates while other targets compile; timings are noisier than alone")
-    ctx = mp.get_context("spawn")  # a fresh interpreter per target: no torch/exporter state shared or forked
-    results: dict[str, TargetResult] = {}
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
-        drain = threading.Thread(target=_drain, args=(queue, log), daemon=True)
-        drain.start()
-        try:
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-                futures = {pool.submit(_worker, cfg, t, students.get(t), kwargs, queue, threads): t for t in targets}
-                for t in targets[:jobs]:
-                    log(f"{t}: started")
-                pending = targets[jobs:]
-                for fut in as_completed(futures):
-                    t = futures[fut]
-                    try:
-                        res = fut.result()
-                    except Exception as exc:  # noqa: BLE001 - the worker process died (killed, out of memory)
-                        res = TargetResult(t, "failed", 0.0, error=f"worker process failed: {type(exc).__name__}: {exc}")
-                    results[t] = res
-                    done = f"[{len(results)}/{len(targets)}]"
-                    log(f"{done} {t}: {res.status}" + (f" in {res.seconds:.0f} s" if res.status != "failed" else f": {res.error}"))
-                    if pending:
-                        log(f"{pending.pop(0)}: started")
-        finally:
-            queue.put(None)
-            drain.join(timeout=5)
-    return {t: results[t] for t in targets}
-
-
-def _drain(queue, log) -> None:
-    while (line := queue.get()) is not None:
-        log(line)

@@ -21,6 +21,8 @@ PACKAGES = [
     ("ai_edge_quantizer", "ai-edge-quantizer", "fully integer .tflite (Edge TPU)", "ai-edge-quantizer"),
     ("executorch", "executorch", "PyTorch -> .pte and its runtime", "executorch"),
     ("torchao", "torchao", "PT2E quantization", "torchao"),
+    ("openvino", "openvino", "OpenVINO IR and its runtime (Intel CPU/iGPU/NPU)", "openvino"),
+    ("nncf", "nncf", "OpenVINO int8 (NNCF)", "nncf"),
     ("neural_compressor", "neural-compressor", "accuracy-aware tuning", "'neural-compressor[pt]'"),
     ("tensorrt", "tensorrt", "TensorRT engines (Jetson, NVIDIA GPUs)", "tensorrt (with a CUDA GPU)"),
     ("transformers", "transformers", "Hugging Face CLIP/SigLIP intake", "transformers"),
@@ -28,9 +30,6 @@ PACKAGES = [
     ("matplotlib", "matplotlib", "plots in reports", "matplotlib"),
 ]
 TOOLS = [("edgetpu_compiler", "maps .tflite onto the Edge TPU"), ("trtexec", "builds TensorRT engines")]
-RUNTIME_MODULES = {"onnxruntime": ["onnxruntime"], "litert": ["ai_edge_litert", "tflite_runtime"],
-                   "executorch": ["executorch", "torch"], "tensorrt": ["tensorrt"]}
-BACKEND_MODULES = {"onnx": ["torch", "onnx"], "litert": ["torch", "litert_torch"], "executorch": ["torch", "executorch"]}
 
 
 def _installed(module: str) -> bool:
@@ -48,7 +47,7 @@ def _version(dist: str) -> str | None:
 
 
 def diagnose() -> dict:
-    from .backends import BACKENDS
+    from .backends import MODULES, get
 
     packages = [{"module": m, "package": d, "version": _version(d) if _installed(m) else None, "for": why, "install": how}
                 for m, d, why, how in PACKAGES]
@@ -56,27 +55,33 @@ def diagnose() -> dict:
     targets = []
     for name, entry in registry.entries("targets").items():
         spec = entry.spec
-        build_needs = BACKEND_MODULES.get(spec.backend, []) + list(spec.requires)
-        missing_build = sorted({m for m in build_needs if not _installed(m)})
-        if spec.backend not in BACKENDS:
-            missing_build.append(f"backend '{spec.backend}' (not in this edgec)")
-        verify_options = RUNTIME_MODULES.get(spec.runtime, [])
-        runtime_ok = any(map(_installed, verify_options)) if spec.runtime != "executorch" else all(
-            map(_installed, verify_options))
-        if spec.runtime == "tensorrt" and not runtime_ok and _installed("onnxruntime"):
-            verify_note = "verified with onnxruntime here (Q/DQ ONNX); TensorRT engine needs tensorrt + a GPU"
-            runtime_ok = True
-        else:
-            verify_note = None
+        if spec.backend not in MODULES:
+            targets.append({"target": name, "backend": spec.backend, "runtime": spec.runtime, "can_build": False,
+                            "missing_for_build": [f"backend '{spec.backend}' (not in this edgec)"], "can_verify": False,
+                            "missing_for_verify": [], "note": None})
+            continue
+        record = get(spec.backend)  # what the backend needs, from its record (no SDK imported)
+        missing_build = sorted({m for m in list(record.build_modules) + list(spec.requires) if not _installed(m)})
+        # each alternative runs the artifacts; "a+b" needs both modules
+        options = list(record.runtime_modules.get(spec.runtime, ()))
+        usable = [o for o in options if all(map(_installed, o.split("+")))]
+        runtime_ok = bool(usable)
+        verify_note = None
+        if usable and usable[0] != options[0]:
+            verify_note = (f"verified with {usable[0]} here, not {options[0]}"
+                           + (f" ({record.notes[0]})" if record.notes else ""))
         targets.append({"target": name, "backend": spec.backend, "runtime": spec.runtime, "can_build": not missing_build,
                         "missing_for_build": missing_build, "can_verify": runtime_ok,
-                        "missing_for_verify": [] if runtime_ok else verify_options, "note": verify_note})
+                        "missing_for_verify": [] if runtime_ok else options, "note": verify_note,
+                        "install": None if not missing_build else f"pip install {record.install}"})
     cuda = None
     if _installed("torch"):
         import torch
 
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    notes = ["ExecuTorch's Python runtime imports torch: verifying .pte artifacts needs torch installed."]
+    from .backends import backends
+
+    notes = [n for b in backends().values() for n in b.notes]
     from .runtime.isa import host_isa
 
     return {"packages": packages, "tools": tools, "targets": targets, "cuda": cuda, "isa": host_isa().record(),

@@ -21,8 +21,6 @@ from .errors import ConfigError, UnknownNameError, did_you_mean
 from .schema import doc, from_dict
 from .verify.gates import parse_gate
 
-BACKENDS = ("onnx", "litert", "executorch")
-RUNTIMES = ("onnxruntime", "tensorrt", "litert", "executorch")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -40,8 +38,8 @@ class Constraints:
 @dataclass(frozen=True)
 class TargetSpec:
     description: str = doc(help="one line for 'edgec targets'")
-    backend: Literal["onnx", "litert", "executorch"] = doc(help="compiler module in edgec/backends/")
-    runtime: Literal["onnxruntime", "tensorrt", "litert", "executorch"] = doc(help="runtime used to verify the artifact")
+    backend: str = doc(help="compiler module in edgec/backends/ (its record lists runtimes, precisions, quantizers)")
+    runtime: str = doc(help="runtime used to verify the artifact (one of the backend's runtimes)")
     precisions: list[Literal["fp32", "fp16", "int8"]] = doc(help="candidate precisions, preferred first", factory=lambda: ["int8"])
     quantizer: str | None = doc(None, help="quantizer of the backend, e.g. 'qdq-symmetric', 'ai-edge-quantizer', 'xnnpack'")
     layout: Literal["NCHW", "NHWC"] = doc("NCHW", help="image input layout")
@@ -63,12 +61,29 @@ class TargetSpec:
     version: int = doc(1, help="schema version")
 
     def __post_init__(self) -> None:
+        from .backends import MODULES, get
+
         if not self.precisions:
             raise ValueError("precisions must name at least one of " + ", ".join(PRECISIONS))
         for expr in self.gates:
             parse_gate(expr)
-        if self.extra_delegates and self.backend != "executorch":
-            raise ValueError("extra_delegates applies to the executorch backend only")
+        if self.backend not in MODULES:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(MODULES)}")
+        record = get(self.backend)  # the record only: no compiler is imported
+        if self.runtime not in record.runtimes:
+            raise ValueError(f"runtime {self.runtime!r}: the {self.backend} backend's artifacts run in "
+                             f"{', '.join(record.runtimes)}")
+        unsupported = [p for p in self.precisions if p not in record.precisions]
+        if unsupported:
+            raise ValueError(f"precision {unsupported[0]!r}: the {self.backend} backend builds "
+                             f"{', '.join(record.precisions)}")
+        if self.quantizer is not None and self.quantizer not in record.quantizers:
+            raise ValueError(f"quantizer {self.quantizer!r}: the {self.backend} backend has "
+                             f"{', '.join(record.quantizers)}")
+        for d in self.extra_delegates:
+            if d not in record.delegates:
+                raise ValueError(f"extra_delegates: the {self.backend} backend lowers for "
+                                 f"{', '.join(record.delegates) or 'no other delegate'}, not {d!r}")
 
 
 @dataclass(frozen=True)

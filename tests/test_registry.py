@@ -18,7 +18,7 @@ description = "ONNX Runtime on a CPU"
 backend = "onnx"
 runtime = "onnxruntime"
 precisions = ["int8", "fp32"]
-quantizer = "qdq"
+quantizer = "qdq-symmetric"
 [constraints]
 static_shapes = true
 """
@@ -88,7 +88,7 @@ def test_unknown_device_suggests_close_names(extra_dirs):
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        (TARGET.replace('backend = "onnx"', 'backend = "tensorflow"'), "backend: expected one of 'onnx', 'litert', 'executorch'"),
+        (TARGET.replace('backend = "onnx"', 'backend = "tensorflow"'), "backend 'tensorflow' is not one of onnx, litert, executorch, openvino"),
         (TARGET.replace('precisions = ["int8", "fp32"]', 'precisions = ["int4"]'), "precisions[0]"),
         (TARGET.replace("[constraints]", "colour = 1\n[constraints]"), "unknown key 'colour'"),
         (TARGET.replace("static_shapes = true", "static_shape = true"), "did you mean 'static_shapes'"),
@@ -117,7 +117,34 @@ def test_invalid_device_figures(extra_dirs):
 
 def test_builtin_files_are_valid():
     """Every TOML file shipped with edgec loads (parametrised over the registry as it grows)."""
+    from edgec.backends import get
+
     registry.clear_cache()
     for kind in ("targets", "devices"):
-        for entry in registry.entries(kind).values():
-            assert entry.path.stem == entry.name
+        files = sorted(p.stem for p in registry.builtin_dir(kind).glob("*.toml"))
+        assert files and sorted(registry.entries(kind)) == files  # no file skipped, none invented
+    for name, entry in registry.entries("targets").items():
+        record = get(entry.spec.backend)
+        assert entry.spec.runtime in record.runtimes and set(entry.spec.precisions) <= set(record.precisions), name
+        if "int8" in entry.spec.precisions:
+            assert record.quantizer(entry.spec.quantizer).methods, name
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('quantizer = "qdq-symmetric"', "quantizer 'qdq-typo': the onnx backend has qdq-symmetric, qdq-asymmetric"),
+    ('runtime = "onnxruntime"', "runtime 'litert': the onnx backend's artifacts run in onnxruntime, tensorrt"),
+    ('backend = "onnx"', "backend 'tvm' is not one of"),
+    ('precisions = ["int8", "fp32"]', "precision 'fp16': the executorch backend builds fp32, int8"),
+])
+def test_a_target_the_backend_cannot_build_is_refused_naming_the_file(extra_dirs, line, needle):
+    targets, _ = extra_dirs
+    text = {"quantizer": TARGET.replace(line, 'quantizer = "qdq-typo"'),
+            "runtime": TARGET.replace(line, 'runtime = "litert"'),
+            "backend": TARGET.replace(line, 'backend = "tvm"'),
+            "precisions": TARGET.replace('backend = "onnx"', 'backend = "executorch"').replace(
+                'runtime = "onnxruntime"', 'runtime = "executorch"').replace('quantizer = "qdq-symmetric"', "").replace(
+                line, 'precisions = ["fp16", "fp32"]')}[line.split(" ")[0]]
+    bad = targets / "bad.toml"
+    bad.write_text(text)
+    result = runner.invoke(app, ["targets"])
+    assert result.exit_code == 2 and str(bad) in result.stderr and needle in result.stderr, result.output

@@ -14,17 +14,15 @@ import copy
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..errors import require_module
-from ..models.student import disable_fused_attention
-from . import Built, precision_candidates
-from .diagnose import unsupported_op_error
-from .onnx import NormalizedEmbedding
-from .rewrites import xnnpack_friendly
+from . import Backend, Built, Quantizer, precision_candidates
+
+METHODS = ("minmax", "percentile", "entropy", "histogram")
 
 
-def _lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
+def lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
+    """Lower an exported program for ``partitioner`` (XNNPACK by default), write the ``.pte``, and say
+    what was delegated and which ops stayed outside (why not delegated: no delegate kernel for them)."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
@@ -43,8 +41,19 @@ def _lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
             "not_delegated_ops": dict(sorted(outside.items(), key=lambda kv: -kv[1]))}
 
 
-def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str,
-          percentile: float, trt_version: int, log) -> Built:
+_lower = lower  # the name tests and older callers use
+
+
+def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
+    """fp32 ``.pte`` and, when the target lists int8, the quantize stage's PT2E program lowered to XNNPACK."""
+    # the target ISA plays no part: XNNPACK's and LiteRT's int8 kernels widen to 16/32 bits on every ISA (no saturation)
+    import torch
+
+    from ..models.student import disable_fused_attention
+    from .diagnose import unsupported_op_error
+    from .rewrites import xnnpack_friendly
+    from .wrappers import NormalizedEmbedding
+
     require_module("executorch", install="executorch", purpose="ExecuTorch (.pte) targets")
     model = NormalizedEmbedding(copy.deepcopy(encoder), spec.normalize_output).eval()
     disable_fused_attention(model)
@@ -68,46 +77,42 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
     fp32 = work / "model.fp32.pte"
     ep = export()
     try:
-        reports["fp32"] = _lower(ep, fp32)
+        reports["fp32"] = lower(ep, fp32)
     except Exception as exc:  # noqa: BLE001 - lowering fails on ops without an edge/ExecuTorch kernel
         raise unsupported_op_error(exc, model, example, converter="ExecuTorch lowering", backend="executorch") from None
     log(f"fp32 .pte ({fp32.stat().st_size / 1e6:.2f} MB), {reports['fp32']['delegated_subgraphs']} XNNPACK subgraphs, "
         f"{reports['fp32']['delegated_share']:.0%} of nodes delegated")
 
-    def int8() -> tuple[Path, str]:
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                             get_symmetric_quantization_config)
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    def int8() -> Path:
+        from ..quantize.pt2e import Pt2eProgram
 
-        calib = calibration()
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        prepared = prepare_pt2e(export().module(), quantizer)
-        with torch.no_grad():
-            for batch in calib.batches(layout="NCHW", batch_size=1):
-                prepared(torch.from_numpy(batch))
-        converted = convert_pt2e(prepared)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(converted, example)
-        out = work / "model.int8.pte"
-        reports["int8"] = _lower(ep, out)
-        log(f"int8 .pte (PT2E XNNPACKQuantizer, {len(calib)} calibration images, {out.stat().st_size / 1e6:.2f} MB), "
-            f"{reports['int8']['delegated_subgraphs']} XNNPACK subgraphs, {reports['int8']['delegated_share']:.0%} delegated")
-        return out, calib.sha256
+        def program(calib, method, percentile):
+            return Pt2eProgram(model, shape, [b[0] for b in calib.batches(layout="NCHW", batch_size=1)], method=method,
+                               percentile=percentile, calibration_sha256=calib.sha256)
 
-    candidates, calib_sha = precision_candidates(spec, "executorch", fp32, int8)
+        res = quantize(program, work / "model.int8.pte")
+        reports["int8"] = res.record.get("delegation") or {}
+        built.calibration_sha256, built.quantization = res.record["calibration_sha256"], res.record
+        log(f"int8 .pte ({res.record['form']}, {res.path.stat().st_size / 1e6:.2f} MB), "
+            f"{reports['int8'].get('delegated_subgraphs')} XNNPACK subgraphs, "
+            f"{reports['int8'].get('delegated_share', 0):.0%} delegated")
+        return res.path
+
+    built = Built(candidates={}, format="pte", io={})
+    candidates = precision_candidates(spec, "executorch", {"fp32": lambda: fp32, "int8": int8})
     variants = {name: _variant(name, encoder, spec, example, work, log) for name in spec.extra_delegates}
     io = {"inputs": [{"name": "pixels", "shape": list(shape), "dtype": "float32", "quantization": None}],
           "outputs": [{"name": "embedding", "shape": [shape[0], dim], "dtype": "float32",
                        "normalized": spec.normalize_output}]}
-    return Built(candidates=candidates, format="pte", io=io, report=None, calibration_sha256=calib_sha,
-                 delegation={p: {**reports[p], "rewrites": rewrites} for p in candidates}, variants=variants)
+    built.candidates, built.io, built.variants = candidates, io, variants
+    built.delegation = {p: {**reports[p], "rewrites": rewrites} for p in candidates}
+    return built
 
 
 COREML_TARGET = "iOS17"  # what an iPhone 15 Pro ships with; older targets lose ops and precision choices
 
 
-def _variant(name: str, encoder: torch.nn.Module, spec, example: tuple, work: Path, log) -> dict:
+def _variant(name: str, encoder, spec, example: tuple, work: Path, log) -> dict:
     """The fp32 program lowered for another delegate (Core ML), or the reason it was not.
 
     Core ML takes float graphs and runs them in fp16 on the Neural Engine/GPU; ExecuTorch's
@@ -121,6 +126,10 @@ def _variant(name: str, encoder: torch.nn.Module, spec, example: tuple, work: Pa
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
     except ImportError as exc:
         return {"reason": f"ExecuTorch's Core ML backend cannot be imported here ({exc}); pip install coremltools"}
+    import torch
+
+    from .wrappers import NormalizedEmbedding
+
     model = NormalizedEmbedding(copy.deepcopy(encoder), spec.normalize_output).eval()
     specs = CoreMLBackend.generate_compile_specs(compute_unit=ct.ComputeUnit.ALL, compute_precision=ct.precision.FLOAT16,
                                                  minimum_deployment_target=getattr(ct.target, COREML_TARGET))
@@ -129,7 +138,7 @@ def _variant(name: str, encoder: torch.nn.Module, spec, example: tuple, work: Pa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, example)
-            report = _lower(ep, path, CoreMLPartitioner(compile_specs=specs), delegate="coreml")
+            report = lower(ep, path, CoreMLPartitioner(compile_specs=specs), delegate="coreml")
     except Exception as exc:  # noqa: BLE001 - coremltools raises many types; the XNNPACK artifact ships regardless
         return {"reason": f"Core ML lowering failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"}
     log(f"Core ML .pte ({path.stat().st_size / 1e6:.2f} MB, fp16 compute, {COREML_TARGET}+), "
@@ -142,15 +151,19 @@ def _variant(name: str, encoder: torch.nn.Module, spec, example: tuple, work: Pa
                               "the golden set"}
 
 
-def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dict:
+def export_text(module, context_length: int, path: Path, *, spec=None) -> dict:
     """fp32 .pte (XNNPACK delegate) of a text tower (int32 token ids (1, L) -> normalised embedding)."""
+    import torch
+
+    from .diagnose import unsupported_op_error
+
     require_module("executorch", install="executorch", purpose="ExecuTorch (.pte) targets")
     example = (torch.zeros(1, context_length, dtype=torch.int32),)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module.eval(), example)
-        report = _lower(ep, path)
+        report = lower(ep, path)
     except Exception as exc:  # noqa: BLE001 - torch.export and lowering raise many types
         raise unsupported_op_error(exc, module, example, converter="ExecuTorch export of the text tower",
                                    backend="executorch") from None
@@ -159,3 +172,19 @@ def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dic
     return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None}],
             "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}],
             "delegation": report}
+
+
+def io_records(path: Path, io: dict, spec) -> dict:
+    """A .pte takes and gives float32 at every precision: the export's records stand."""
+    return io
+
+
+BACKEND = Backend(
+    name="executorch", format="pte", suffix=".pte", runtimes=("executorch",), packages=("executorch", "torchao"),
+    build_modules=("torch", "executorch", "torchao"), install="executorch torchao",
+    runtime_modules={"executorch": ("executorch+torch",)}, precisions=("fp32", "int8"),
+    quantizers={"xnnpack-pt2e": Quantizer("xnnpack-pt2e", "PT2E XNNPACKQuantizer, per-channel symmetric int8 weights, "
+                                          "static int8 activations", METHODS, "histogram")},
+    build=build, export_text=export_text, io_records=io_records, delegates=("coreml",),
+    notes=("ExecuTorch's Python runtime imports torch: verifying .pte artifacts needs torch installed.",),
+)

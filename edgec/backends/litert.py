@@ -20,20 +20,20 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import InputError, require_module
-
-from . import Built, precision_candidates
-from .diagnose import tflite_layer
-from .onnx import NormalizedEmbedding
+from . import Backend, Built, Quantizer, precision_candidates
 
 INTEGER_TYPES = ("int8", "uint8", "int32", "int16")
 
 
-def export(encoder: torch.nn.Module, input_shape: tuple[int, ...], path: Path, *, layout: str = "NHWC",
+def export(encoder, input_shape: tuple[int, ...], path: Path, *, layout: str = "NHWC",
            normalize: bool = True) -> dict:
     """fp32 .tflite of ``encoder`` (L2 normalisation folded in when ``normalize``); NHWC input when ``layout`` says so."""
+    import torch
+
+    from .wrappers import NormalizedEmbedding
+
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # edgec reports its own progress
     litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
     model = NormalizedEmbedding(encoder, normalize).eval()
@@ -79,10 +79,12 @@ def quantize_full_int8(fp32: Path, out: Path, batches: list[np.ndarray]) -> None
 PT2E_QUANTIZER = "litert-pt2e-per-channel"
 
 
-def quantize_pt2e(model: torch.nn.Module, input_shape: tuple[int, ...], out: Path, batches: list[np.ndarray], *,
+def quantize_pt2e(model, input_shape: tuple[int, ...], out: Path, batches: list[np.ndarray], *,
                   layout: str = "NHWC", per_channel: bool = True) -> None:
     """litert-torch's PT2E route: int8 weights (per channel) and static int8 activations, float I/O and float
     islands where LiteRT has no int8 kernel (not for the Edge TPU). ``model`` maps NCHW pixels to the output."""
+    import torch
+
     litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
     from litert_torch.quantize import pt2e_quantizer
     from litert_torch.quantize.quant_config import QuantConfig
@@ -122,6 +124,7 @@ def op_report(path: Path, *, supported: frozenset[str] | None = None, max_rank: 
     is off it; everything after that runs on the CPU (one partition, as the Edge TPU compiler does).
     """
     from ..runtime.inspect import litert_interpreter_module
+    from .diagnose import tflite_layer
 
     mod = litert_interpreter_module()
     kwargs = {}
@@ -177,30 +180,95 @@ def run_edgetpu_compiler(path: Path, out_dir: Path) -> dict | None:
             "log": text[-4000:]}
 
 
-def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str,
-          percentile: float, trt_version: int, log) -> Built:
-    """fp32 .tflite, and fully integer int8 (ai-edge-quantizer) when the target lists int8; the op
-    report of every candidate, checked against the target's constraints."""
+class Pt2eTfliteProgram:
+    """litert-torch's PT2E int8 (per-channel symmetric weights, static int8 activations with the configured
+    method's observer, float islands where LiteRT has no int8 kernel), any layers kept in float."""
+
+    def __init__(self, encoder, shape: tuple[int, ...], calib, *, method: str, percentile: float, layout: str,
+                 normalize: bool) -> None:
+        litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
+        from litert_torch.quantize import pt2e_quantizer
+
+        from ..quantize.pt2e import Pt2eProgram
+        from .wrappers import NormalizedEmbedding
+
+        os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+        model = NormalizedEmbedding(encoder, normalize).eval()
+        if layout == "NHWC":
+            model = litert_torch.to_channel_last_io(model, args=[0])
+        batches = [b[0] for b in calib.batches(layout=layout, batch_size=1)]
+        self.inner = Pt2eProgram(model, shape, batches, method=method, percentile=percentile, layout=layout,
+                                 quantizer=lambda config: pt2e_quantizer.PT2EQuantizer().set_global(config),
+                                 base_config=pt2e_quantizer.get_symmetric_quantization_config,
+                                 calibration_sha256=calib.sha256)
+        self.layers, self.calibration_sha256 = self.inner.layers, calib.sha256
+        self.calibration_images = len(calib)
+        self.description = f"litert-torch PT2E, per-channel int8 weights, float I/O ({method} ranges)"
+
+    def runner(self, keep_float=frozenset(), only=None):
+        return self.inner.runner(keep_float, only)
+
+    def write(self, out: Path, keep_float=frozenset()) -> dict[str, str]:
+        litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        converted = self.inner.convert(keep_float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            litert_torch.convert(converted, self.inner.example,
+                                 quant_config=QuantConfig(pt2e_quantizer=self.inner.inner())).export(str(out))
+        return {}
+
+
+class FullInt8Program:
+    """ai-edge-quantizer's ``static_wi8_ai8`` on the fp32 TFLite: fully integer (int8 I/O, no float op), the
+    Edge TPU's route; min/max ranges only (the quantizer takes no other calibration)."""
+
+    def __init__(self, fp32: Path, calib, layout: str) -> None:
+        from ..quantize.sensitivity import LiteRTProgram
+
+        self.inner = LiteRTProgram(fp32, list(calib.batches(layout=layout, batch_size=1)))
+        self.layers, self.calibration_sha256 = self.inner.layers, calib.sha256
+        self.calibration_images = len(calib)
+        self.description = "ai-edge-quantizer static_wi8_ai8, fully integer (minmax ranges)"
+
+    def runner(self, keep_float=frozenset(), only=None):
+        return self.inner.runner(keep_float, only)
+
+    def write(self, out: Path, keep_float=frozenset()) -> dict[str, str]:
+        self.inner.write(out, keep_float)
+        return {}
+
+
+PT2E_QUANTIZER = "litert-pt2e-per-channel"
+FULL_INT8_QUANTIZER = "ai-edge-quantizer static_wi8_ai8"
+
+
+def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
+    """fp32 .tflite, and int8 through the quantize stage (fully integer by ai-edge-quantizer, or litert-torch's
+    PT2E for CPU targets) when the target lists it; the op report of every candidate, checked against the
+    target's constraints."""
+    # the target ISA plays no part: XNNPACK's and LiteRT's int8 kernels widen to 16/32 bits on every ISA (no saturation)
     fp32 = work / "model.fp32.tflite"
     io = export(encoder, shape, fp32, layout=spec.layout, normalize=spec.normalize_output)
     log(f"converted fp32 TFLite ({fp32.stat().st_size / 1e6:.2f} MB)")
     built = Built(candidates={}, format="tflite", io=io)
+    quantizer = BACKEND.quantizer(spec.quantizer).name
 
-    def int8() -> tuple[Path, str]:
-        calib = calibration()
-        out = work / "model.int8.tflite"
-        batches = list(calib.batches(layout=spec.layout, batch_size=1))
-        if spec.quantizer == PT2E_QUANTIZER:  # closer to float and faster on a CPU, but not fully integer
-            quantize_pt2e(NormalizedEmbedding(encoder, spec.normalize_output).eval(), shape, out, batches,
-                          layout=spec.layout)
-            how = "litert-torch PT2E, per-channel int8 weights, float I/O"
-        else:
-            quantize_full_int8(fp32, out, batches)
-            how = "ai-edge-quantizer static int8, fully integer"
-        log(f"int8 TFLite ({how}, {len(calib)} calibration images, {out.stat().st_size / 1e6:.2f} MB)")
-        return out, calib.sha256
+    def int8() -> Path:
+        def program(calib, method, percentile):
+            if quantizer == PT2E_QUANTIZER:  # closer to float and faster on a CPU, but not fully integer
+                return Pt2eTfliteProgram(encoder, shape, calib, method=method, percentile=percentile, layout=spec.layout,
+                                         normalize=spec.normalize_output)
+            return FullInt8Program(fp32, calib, spec.layout)
 
-    built.candidates, built.calibration_sha256 = precision_candidates(spec, "litert", fp32, int8)
+        res = quantize(program, work / "model.int8.tflite")
+        built.calibration_sha256, built.quantization = res.record["calibration_sha256"], res.record
+        log(f"int8 TFLite ({res.record['form']}, {res.record['calibration_images']} calibration images, "
+            f"{res.path.stat().st_size / 1e6:.2f} MB)")
+        return res.path
+
+    built.candidates = precision_candidates(spec, "litert", {"fp32": lambda: fp32, "int8": int8})
     c = spec.constraints
     supported = frozenset(c.supported_ops) if c.supported_ops else None
     built.report = {p: op_report(path, supported=supported, max_rank=c.max_tensor_rank)
@@ -222,8 +290,10 @@ def build(encoder: torch.nn.Module, shape: tuple[int, ...], *, spec, work: Path,
     return built
 
 
-def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dict:
+def export_text(module, context_length: int, path: Path, *, spec=None) -> dict:
     """fp32 .tflite of a text tower (int32 token ids (1, L) -> normalised embedding); returns its I/O records."""
+    import torch
+
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
     example = torch.zeros(1, context_length, dtype=torch.int32)
@@ -240,3 +310,39 @@ def export_text(module: torch.nn.Module, context_length: int, path: Path) -> dic
         dim = int(module(example).shape[-1])
     return {"inputs": [{"name": "token_ids", "shape": [1, context_length], "dtype": "int32", "quantization": None}],
             "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}]}
+
+
+def io_records(path: Path, io: dict, spec) -> dict:
+    """The shipped file's records: int8 I/O and its quantization parameters come from the model itself."""
+    return tensor_records(path, normalized=spec.normalize_output)
+
+
+def accelerator_compile(artifact: Path, folder: Path, spec) -> dict | None:
+    """edgetpu_compiler's own verdict when the target names it (and the reason when it is not installed)."""
+    if spec.accelerator_compiler != "edgetpu_compiler":
+        return None
+    compiled = run_edgetpu_compiler(artifact, folder)
+    return compiled if compiled is not None else {
+        "ran": False, "reason": "edgetpu_compiler is not on PATH: the mapping above is edgec's check against the "
+                                "Edge TPU's documented op list and constraints; install the compiler for its own verdict"}
+
+
+def report_for(path: Path, spec) -> dict:
+    c = spec.constraints
+    return op_report(path, supported=frozenset(c.supported_ops) if c.supported_ops else None, max_rank=c.max_tensor_rank)
+
+
+BACKEND = Backend(
+    name="litert", format="tflite", suffix=".tflite", runtimes=("litert",),
+    packages=("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
+    build_modules=("torch", "litert_torch", "ai_edge_quantizer"), install="litert-torch ai-edge-quantizer ai-edge-litert",
+    runtime_modules={"litert": ("ai_edge_litert", "tflite_runtime")}, precisions=("fp32", "int8"),
+    quantizers={
+        FULL_INT8_QUANTIZER: Quantizer(FULL_INT8_QUANTIZER, "ai-edge-quantizer static int8, fully integer (Edge TPU)",
+                                       ("minmax",), "minmax", fully_integer=True),
+        PT2E_QUANTIZER: Quantizer(PT2E_QUANTIZER, "litert-torch PT2E, per-channel int8 weights, float islands",
+                                  ("minmax", "percentile", "entropy", "histogram"), "histogram"),
+    },
+    build=build, export_text=export_text, op_report=report_for, io_records=io_records,
+    accelerator_compile=accelerator_compile,
+)

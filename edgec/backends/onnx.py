@@ -1,36 +1,35 @@
-"""ONNX export (for ONNX Runtime; TensorRT takes the same graph with Q/DQ nodes)."""
+"""ONNX: export (onnxruntime on CPUs; TensorRT takes the same graph), fp16, int8 Q/DQ programs, the
+zero-shot head folded into a built graph, and TensorRT's build recipe (build_engine.sh).
+
+Importable without torch or onnx: the record below is what the rest of edgec reads.
+"""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-from . import Built, precision_candidates
+from . import Backend, Built, Quantizer, precision_candidates
 
 OPSET = 17  # dynamo=False keeps the requested opset; the dynamo exporter silently gives 18
+METHODS = ("minmax", "percentile", "entropy")
 
 
-class NormalizedEmbedding(nn.Module):
-    """The encoder with L2 normalisation folded in: the artifact's output is ready for zero-shot use."""
+def __getattr__(name: str):  # the torch wrappers moved to .wrappers; old imports keep working
+    if name in ("NormalizedEmbedding", "ZeroShotLogits"):
+        from . import wrappers
 
-    def __init__(self, encoder: nn.Module, normalize: bool = True) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.normalize = normalize
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        emb = self.encoder(pixels)
-        return F.normalize(emb, dim=-1) if self.normalize else emb
+        return getattr(wrappers, name)
+    raise AttributeError(name)
 
 
-def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dynamic_batch: bool = True,
+def export(encoder, input_shape: tuple[int, ...], path: Path, *, dynamic_batch: bool = True,
            normalize: bool = True) -> dict:
     """Export ``encoder`` (pixels -> embedding) as ONNX; returns the input/output records for the manifest."""
     import onnx
+    import torch
+
+    from .wrappers import NormalizedEmbedding
 
     model = NormalizedEmbedding(encoder, normalize).eval()
     example = torch.zeros(*input_shape)
@@ -55,38 +54,110 @@ def export(encoder: nn.Module, input_shape: tuple[int, ...], path: Path, *, dyna
     }
 
 
-def build(encoder: nn.Module, shape: tuple[int, ...], *, spec, work: Path, calibration, method: str, percentile: float,
-          trt_version: int, log) -> Built:
-    """fp32 ONNX always (it is what int8 is made from); int8 Q/DQ when the target lists it."""
+def to_fp16(fp32: Path, out: Path) -> Path:
+    """fp16 weights and compute with float32 inputs and outputs (Cast at the edges): what TensorRT's --fp16
+    builds from, and what onnxruntime runs to check it here."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
+
+
+class QdqProgram:
+    """int8 Q/DQ ONNX (per-channel symmetric weights; symmetric int8 activations, TensorRT's form, or asymmetric
+    uint8 ones for onnxruntime) with ranges measured once; layers are its Conv/MatMul/Gemm nodes."""
+
+    def __init__(self, fp32: Path, calib, *, method: str, percentile: float, activations: str,
+                 trt_version: int = 100300, reduce_range: bool = False) -> None:
+        import tempfile
+
+        from ..quantize.onnx_qdq import QdqQuantizer
+
+        self.qdq = QdqQuantizer(fp32, calib, method=method, percentile=percentile, trt_version=trt_version,
+                                activations=activations, reduce_range=reduce_range)
+        self.layers = self.qdq.layers
+        self.calibration_sha256, self.calibration_images = calib.sha256, len(calib)
+        self.description = (f"ONNX Q/DQ, per-channel int8 weights, {activations} "
+                            f"{'int8' if activations == 'symmetric' else 'uint8'} activations ({method} ranges)"
+                            + ("; 7-bit weights" if reduce_range else ""))
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgec-qdq-")
+
+    def write(self, out: Path, keep_float=frozenset(), only=None) -> dict[str, str]:
+        q = self.qdq.quantize(out, exclude_nodes=tuple(sorted(keep_float)), only=only)
+        return {"calibration.cache": q.trt_cache} if q.trt_cache is not None else {}
+
+    def runner(self, keep_float=frozenset(), only=None):
+        from ..runtime.runners import OnnxRunner
+
+        path = Path(self._tmp.name) / "candidate.onnx"
+        self.write(path, keep_float, only)
+        return OnnxRunner(path)
+
+
+ACTIVATIONS = {"qdq-symmetric": "symmetric", "qdq-asymmetric": "asymmetric"}
+
+
+def int8_form(spec, isa) -> dict:
+    """The weight width the int8 candidate needs to give the same integers on the CPU it will run on
+    (:mod:`edgec.runtime.isa`): TensorRT accumulates in int32 (8 bits); onnxruntime on x86 without VNNI
+    saturates int16 pairs of u8*s8 products, so 7-bit weights, also when the CPU is unknown."""
+    if spec.runtime != BACKEND.runtimes[0]:
+        return {"weight_bits": 8, "why": f"{spec.runtime} accumulates int8 products in int32"}
+    if isa is None:
+        return {"weight_bits": 7, "why": "the target CPU is unknown (no device profile with isa): 7-bit weights are "
+                                         "exact in onnxruntime on every x86 CPU"}
+    if isa.u8s8_exact:
+        return {"weight_bits": 8, "why": f"{isa.arch}: {isa.int8_kernels}", "isa": list(isa.flags)}
+    return {"weight_bits": 7, "why": f"{isa.arch}: {isa.int8_kernels}; 7-bit weights keep them exact",
+            "isa": list(isa.flags)}
+
+
+def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
+    """fp32 ONNX always (every other precision is made from it); fp16 and int8 Q/DQ when the target lists them."""
+    import torch
+
+    options = options or {}
     fp32 = work / "model.fp32.onnx"
     with torch.no_grad():
         io = export(encoder.eval(), shape, fp32, dynamic_batch=not spec.constraints.static_shapes,
                     normalize=spec.normalize_output)
     log(f"exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
     built = Built(candidates={}, format="onnx", io=io)
+    activations = ACTIVATIONS[BACKEND.quantizer(spec.quantizer).name]
+    if "int8" in spec.precisions:
+        built.int8_form = int8_form(spec, options.get("target_isa"))
 
-    def int8() -> tuple[Path, str]:
-        from ..quantize.onnx_qdq import quantize_onnx
+    def fp16() -> Path:
+        path = to_fp16(fp32, work / "model.fp16.onnx")
+        log(f"fp16 ONNX ({path.stat().st_size / 1e6:.2f} MB, float32 inputs and outputs)")
+        return path
 
-        calib = calibration()
-        activations = "asymmetric" if spec.quantizer == "qdq-asymmetric" else "symmetric"
-        q = quantize_onnx(fp32, work / "model.int8.onnx", calib, method=method, percentile=percentile,
-                          trt_version=trt_version, activations=activations)
-        if q.trt_cache is not None:
-            built.files["calibration.cache"] = q.trt_cache
-        log(f"int8 Q/DQ ONNX ({activations} activations), {method} ranges from {len(calib)} calibration images, "
-            f"{q.qdq_pairs} Q/DQ pairs ({q.path.stat().st_size / 1e6:.2f} MB)"
-            + ("; TensorRT calibration cache written" if q.trt_cache is not None else ""))
-        return q.path, calib.sha256
+    def int8() -> Path:
+        def program(calib, method, percentile):
+            return QdqProgram(fp32, calib, method=method, percentile=percentile, activations=activations,
+                              trt_version=int(options.get("trt_version", 100300)),
+                              reduce_range=built.int8_form["weight_bits"] == 7)
 
-    built.candidates, built.calibration_sha256 = precision_candidates(spec, "onnx", fp32, int8)
+        res = quantize(program, work / "model.int8.onnx")
+        for name, text in res.files.items():
+            built.files[name] = text
+            built.files_for[name] = "int8"  # the TensorRT cache means something only beside the int8 graph
+        built.calibration_sha256, built.quantization = res.record["calibration_sha256"], res.record
+        return res.path
+
+    built.candidates = precision_candidates(spec, "onnx", {"fp32": lambda: fp32, "fp16": fp16, "int8": int8})
     return built
 
 
-def export_text(module: nn.Module, context_length: int, path: Path, *, dynamic_batch: bool = True) -> dict:
+def export_text(module, context_length: int, path: Path, *, spec=None) -> dict:
     """Export a text tower (int32 token ids (N, L) -> normalised embedding) as ONNX; returns its I/O records."""
     import onnx
+    import torch
 
+    dynamic_batch = spec is None or not spec.constraints.static_shapes
     example = torch.zeros(1, context_length, dtype=torch.int32)
     axes = {"token_ids": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
     try:
@@ -108,16 +179,94 @@ def export_text(module: nn.Module, context_length: int, path: Path, *, dynamic_b
             "opset": OPSET}
 
 
-class ZeroShotLogits(nn.Module):
-    """The image encoder with a zero-shot head folded in: logit_scale * normalize(image) @ text.T (+ logit_bias)."""
+def fold_head(src: Path, dst: Path, text, scale: float, bias: float | None, *, normalize: bool) -> bool:
+    """Append normalize (when the graph does not) -> MatMul(text.T) -> Mul(scale) [-> Add(bias)] to ``src``'s
+    output: the same image part (int8 Q/DQ included) with logits out."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
 
-    def __init__(self, encoder: nn.Module, text: torch.Tensor, logit_scale: float, logit_bias: float | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.register_buffer("text_t", text.detach().float().t().contiguous(), persistent=False)
-        self.logit_scale = float(logit_scale)
-        self.logit_bias = None if logit_bias is None else float(logit_bias)
+    model = onnx.load(str(src))
+    g = model.graph
+    out = g.output[0]
+    x = out.name
+    nodes = []
+    if normalize:
+        nodes.append(helper.make_node("LpNormalization", [x], ["zs_normalized"], axis=-1, p=2))
+        x = "zs_normalized"
+    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(text.T, np.float32), "zs_text"),
+                          numpy_helper.from_array(np.asarray(scale, np.float32), "zs_scale")])
+    nodes += [helper.make_node("MatMul", [x, "zs_text"], ["zs_sims"]),
+              helper.make_node("Mul", ["zs_sims", "zs_scale"], ["logits" if bias is None else "zs_scaled"])]
+    if bias is not None:
+        g.initializer.append(numpy_helper.from_array(np.asarray(bias, np.float32), "zs_bias"))
+        nodes.append(helper.make_node("Add", ["zs_scaled", "zs_bias"], ["logits"]))
+    g.node.extend(nodes)
+    batch = out.type.tensor_type.shape.dim[0]
+    logits = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
+                                           [batch.dim_param or batch.dim_value, int(text.shape[0])])
+    del g.output[:]
+    g.output.append(logits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return True
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        logits = (F.normalize(self.encoder(pixels), dim=-1) @ self.text_t) * self.logit_scale
-        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+TRTEXEC_FLAGS = {"int8": ["--int8", "--fp16"], "fp16": ["--fp16"], "fp32": []}
+
+
+def recipe(folder: Path, artifact: Path, precision: str, spec, options: dict) -> dict | None:
+    """TensorRT targets: build_engine.sh with the trtexec command for the shipped precision (engines are tied to
+    the TensorRT version and GPU, so they are built on the device). Returns the manifest's 'tensorrt' record."""
+    if spec.runtime != BACKEND.runtimes[1]:  # onnxruntime targets need no recipe
+        return None
+    from ..manifest import atomic_write_text
+
+    cmd = " ".join(["trtexec", f"--onnx={artifact.name}", *TRTEXEC_FLAGS[precision], "--memPoolSize=workspace:1024",
+                    "--saveEngine=model.engine", "--skipInference"])
+    what = {"int8": f"{artifact.name} carries explicit Q/DQ int8 nodes (TensorRT's explicit quantization); --fp16 lets "
+                    "layers without Q/DQ run in fp16 instead of fp32.\n# calibration.cache holds the same activation "
+                    "ranges in TensorRT's cache format (version-specific).",
+            "fp16": f"{artifact.name} holds fp16 weights and compute (float32 inputs/outputs); --fp16 builds fp16 "
+                    "kernels.",
+            "fp32": f"{artifact.name} is the fp32 graph."}[precision]
+    script = f"""#!/usr/bin/env bash
+# Build the TensorRT engine on the Jetson itself: an engine is tied to the TensorRT version and
+# the GPU it was built on. {what}
+set -euo pipefail
+cd "$(dirname "$0")"
+command -v trtexec >/dev/null || {{ echo "trtexec not found: it ships with TensorRT (JetPack: /usr/src/tensorrt/bin)" >&2; exit 3; }}
+{cmd}
+echo "wrote $(pwd)/model.engine"
+"""
+    path = folder / "build_engine.sh"
+    atomic_write_text(path, script)
+    path.chmod(0o755)
+    return {"build_script": "build_engine.sh", "command": cmd, "engine": None,
+            "trt_version_for_cache": options.get("trt_version", 100300),
+            "engine_not_built": "TensorRT engines are built on the device: run build_engine.sh there "
+                                "(this machine has no TensorRT GPU build)"}
+
+
+def text_recipe_note(artifact: Path, spec) -> str | None:
+    if spec.runtime != BACKEND.runtimes[1]:
+        return None
+    return (f"build its engine on the device like the image model's: trtexec --onnx={artifact.name} "
+            "--saveEngine=text.engine (fp32 ONNX; add --fp16 only after checking the cosine)")
+
+
+BACKEND = Backend(
+    name="onnx", format="onnx", suffix=".onnx", runtimes=("onnxruntime", "tensorrt"),
+    packages=("onnx", "onnxruntime"), build_modules=("torch", "onnx", "onnxruntime"),
+    install="'edgec[compile]' (onnx onnxscript onnxruntime)",
+    runtime_modules={"onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "onnxruntime")},
+    precisions=("fp32", "fp16", "int8"),
+    quantizers={
+        "qdq-symmetric": Quantizer("qdq-symmetric", "int8 Q/DQ, symmetric int8 activations (TensorRT's explicit form, "
+                                   "with its calibration cache)", METHODS, "minmax"),
+        "qdq-asymmetric": Quantizer("qdq-asymmetric", "int8 Q/DQ, asymmetric uint8 activations (onnxruntime)",
+                                    METHODS, "minmax"),
+    },
+    build=build, export_text=export_text, fold_head=fold_head, recipe=recipe, text_note=text_recipe_note,
+    notes=("tensorrt artifacts are checked with onnxruntime here (Q/DQ ONNX); the engine needs tensorrt and a GPU",),
+)

@@ -55,13 +55,17 @@ class RangeObserver(MinMaxObserver):
         return self._calculate_qparams(torch.clamp(self.min_val, min=-amax), torch.clamp(self.max_val, max=amax))
 
 
-def quantization_config(method: str = "histogram", percentile: float = 99.999, *, per_channel: bool = True):
-    """XNNPACK's symmetric config (per-channel weights by default) with the activation observer for ``method``."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+def quantization_config(method: str = "histogram", percentile: float = 99.999, *, per_channel: bool = True,
+                        base=None):
+    """A PT2E quantizer's symmetric config (XNNPACK's unless ``base(is_per_channel=...)`` gives another, e.g.
+    litert-torch's) with the activation observer for ``method``: ``histogram`` keeps the config's own
+    HistogramObserver, the others use edgec's :class:`RangeObserver`."""
+    if base is None:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config as base
 
     if method not in METHODS:
-        raise InputError(f"unknown calibration method {method!r} for ExecuTorch", hint=f"one of {', '.join(METHODS)}")
-    config = get_symmetric_quantization_config(is_per_channel=per_channel)
+        raise InputError(f"unknown calibration method {method!r} for PT2E", hint=f"one of {', '.join(METHODS)}")
+    config = base(is_per_channel=per_channel)
     if method == "histogram":
         return config
     ctr = RangeObserver.with_args(eps=2**-12, method=method, percentile=percentile)
@@ -181,18 +185,28 @@ class LayerSelectiveQuantizer(_base_quantizer()):
 
 class Pt2eProgram:
     """The float model exported once; :meth:`convert` gives a PT2E int8 GraphModule with chosen
-    modules kept in float, :meth:`lower` writes it as an XNNPACK ``.pte``."""
+    modules kept in float, :meth:`lower` writes it as an XNNPACK ``.pte``.
+
+    ``quantizer`` (default XNNPACK's) makes the inner quantizer from a config and ``base_config`` its
+    symmetric config; ``layout`` is the input layout ``model`` takes (calibration arrays come in it, the
+    runner takes NCHW and transposes)."""
 
     def __init__(self, model: torch.nn.Module, shape: tuple[int, ...], calibration: list[np.ndarray], *,
-                 method: str = "histogram", percentile: float = 99.999, per_channel: bool = True) -> None:
-        require_module("executorch", install="executorch", purpose="ExecuTorch int8")
-        self.model, self.method = model.eval(), method
+                 method: str = "histogram", percentile: float = 99.999, per_channel: bool = True,
+                 quantizer=None, base_config=None, layout: str = "NCHW", calibration_sha256: str | None = None) -> None:
+        if quantizer is None:
+            require_module("executorch", install="executorch", purpose="ExecuTorch int8")
+        self.model, self.method, self.layout = model.eval(), method, layout
         self.example = (torch.zeros(*shape),)
-        self.config = quantization_config(method, percentile, per_channel=per_channel)
+        self.config = quantization_config(method, percentile, per_channel=per_channel, base=base_config)
+        self._make_inner = quantizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.graph = torch.export.export(self.model, self.example).module()
         self.batches = [torch.from_numpy(np.ascontiguousarray(b[None])) for b in calibration]
+        self.calibration_sha256, self.calibration_images = calibration_sha256, len(calibration)
+        self.description = f"PT2E int8, {'per-channel' if per_channel else 'per-tensor'} symmetric weights ({method} ranges)"
+        self.report: dict | None = None
         modules = dict(self.model.named_modules())
         self.layers = []
         for node in self.graph.graph.nodes:
@@ -202,10 +216,15 @@ class Pt2eProgram:
                 self.layers.append({"name": name, "op": type(m).__name__,
                                     "params": sum(p.numel() for p in m.parameters(recurse=False))})
 
-    def quantizer(self, keep_float=frozenset(), only=None):
+    def inner(self):
+        if self._make_inner is not None:
+            return self._make_inner(self.config)
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
-        return LayerSelectiveQuantizer(XNNPACKQuantizer().set_global(self.config), keep_float=frozenset(keep_float),
+        return XNNPACKQuantizer().set_global(self.config)
+
+    def quantizer(self, keep_float=frozenset(), only=None):
+        return LayerSelectiveQuantizer(self.inner(), keep_float=frozenset(keep_float),
                                        only=None if only is None else frozenset(only))
 
     def convert(self, keep_float=frozenset(), only=None, batches: list[torch.Tensor] | None = None):
@@ -215,12 +234,15 @@ class Pt2eProgram:
             warnings.simplefilter("ignore")
             prepared = prepare_pt2e(copy.deepcopy(self.graph), self.quantizer(keep_float, only))
             calibrate(prepared, self.batches if batches is None else batches)
-            return convert_pt2e(prepared)
+            return convert_pt2e(prepared, fold_quantize=self._make_inner is None)
 
     def runner(self, keep_float=frozenset(), only=None, batches=None):
         gm = self.convert(keep_float, only, batches)
+        nhwc = self.layout == "NHWC"
 
         def run(x: np.ndarray) -> np.ndarray:
+            if nhwc:
+                x = x.transpose(0, 2, 3, 1)
             with torch.no_grad():
                 return np.concatenate([gm(torch.from_numpy(np.ascontiguousarray(x[i : i + 1]))).numpy()
                                        for i in range(len(x))]).astype(np.float32)
@@ -229,18 +251,23 @@ class Pt2eProgram:
 
     def lower(self, out: Path, keep_float=frozenset()) -> dict:
         """Write the int8 ``.pte`` (XNNPACK delegate); returns the delegation report."""
-        from ..backends.executorch import _lower
+        from ..backends.executorch import lower
 
         converted = self.convert(keep_float)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(converted, self.example)
-        return _lower(ep, Path(out))
+        return lower(ep, Path(out))
+
+    def write(self, out: Path, keep_float=frozenset()) -> dict[str, str]:
+        """The quantize stage's writer: the ``.pte``; the delegation report is kept in ``self.report``."""
+        self.report = self.lower(out, keep_float)
+        return {}
 
     def lower_float(self, out: Path) -> dict:
-        from ..backends.executorch import _lower
+        from ..backends.executorch import lower
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(self.model, self.example)
-        return _lower(ep, Path(out))
+        return lower(ep, Path(out))

@@ -183,4 +183,9 @@ def open_runner(path: Path, runtime: str, threads: int | None = None, *, kernels
         return LiteRTRunner(path, threads)
     if runtime == "executorch":
         return ExecuTorchRunner(path, threads)
+    from ..backends import backend_of  # a runtime whose runner lives with its backend (torch-free record)
+
+    backend = backend_of(runtime)
+    if backend is not None and backend.runner is not None:
+        return backend.runner(path, threads)
     raise InputError(f"{path}: runtime {runtime!r} cannot be run by this edgec on this machine")

@@ -50,7 +50,7 @@ def test_core_ml_variant_is_lowered_and_marked_unverified(tmp_path):
 
 
 def test_extra_delegates_belong_to_executorch_targets():
-    with pytest.raises(ValueError, match="executorch backend only"):
+    with pytest.raises(ValueError, match="the onnx backend lowers for no other delegate, not 'coreml'"):
         registry.TargetSpec(description="x", backend="onnx", runtime="onnxruntime", extra_delegates=["coreml"])
 
 
