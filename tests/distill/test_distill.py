@@ -196,6 +196,38 @@ def test_unlabelled_folder_distils_on_features_alone(tmp_path, data):
     assert result.exit_code == 2 and "logit needs labels" in result.stderr
 
 
+def test_distill_then_compile_reuses_the_student_and_changes_are_named(tmp_path, data, monkeypatch):
+    """A folder without captions: the CLI records the configured losses and the inputs key, so the
+    stage compile runs (default out folder, same config) finds the student; a change is named."""
+    import edgec.distill as distill_pkg
+    from edgec.config import load_config
+    from edgec.distill import DistillConfig
+    from edgec.distill.stage import cached_student, distill_inputs, ensure_student, inputs_key
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted((data / "train").glob("*/*.png"))[:32]):
+        shutil.copy(p, flat / f"{i}.png")
+    config = project(tmp_path, data, epochs=1)
+    config.write_text(config.read_text().replace(json.dumps(str(data / "train")), json.dumps(str(flat))))
+    assert distill(config).exit_code == 0
+    dcfg = DistillConfig.from_edgec(load_config(config), target="cpu")
+    inputs = distill_inputs(dcfg)
+    hit = cached_student(dcfg, inputs, inputs_key(inputs))
+    assert hit is not None and hit[1] == "cached"
+
+    lines = []
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_pkg, "run", stop)
+    changed = DistillConfig.from_edgec(load_config(config), target="cpu", epochs=2, lr=0.02)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_student(changed, log=lines.append, progress=False)
+    assert f"distill {STUDENT}: inputs changed: params.epochs, params.lr; distilling" in lines[0]
+
+
 def test_unknown_student_suggests_names(tmp_path, data):
     config = project(tmp_path, data)
     result = distill(config, "--student", "mobilevit_xxxs")
@@ -251,3 +283,57 @@ def test_ddp_two_processes_match_single_process(tmp_path, data):
     assert max(diffs.values()) < 1e-3, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     single_m = json.loads((single_out / "manifest.json").read_text())["metrics"]
     assert manifest["metrics"]["cosine_mean"] == pytest.approx(single_m["cosine_mean"], abs=1e-3)
+
+
+def folder_to_shards(folder: Path, out: Path, n_shards: int) -> str:
+    """The training folder as img2dataset-style WebDataset shards; returns the brace pattern."""
+    from edgec.data.folder import read_folder
+    from edgec.data.shards import write_shard
+
+    items = read_folder(folder).items
+    out.mkdir(parents=True)
+    for s in range(n_shards):
+        samples = [(f"{i:09d}", {it.path.suffix.lstrip(".").lower(): it.path.read_bytes(),
+                                 "txt": it.captions[0].encode() if it.captions else b"",
+                                 "json": json.dumps({"label": it.label}).encode()})
+                   for i, it in enumerate(items) if i % n_shards == s]
+        write_shard(out / f"train-{s:05d}.tar", samples)
+    return str(out / f"train-{{00000..{n_shards - 1:05d}}}.tar")
+
+
+@pytest.mark.slow
+def test_ddp_on_shards_gives_the_same_cache_and_weights_as_one_process(tmp_path, data):
+    """torchrun, 2 gloo processes on WebDataset shards: each rank embeds its shards; the cache equals
+    one process's byte for byte, every key is in it once, and the weights match one process's."""
+    pattern = folder_to_shards(data / "train", tmp_path / "wds", n_shards=5)
+    configs = {}
+    for name in ("ddp", "single"):
+        (tmp_path / name).mkdir()
+        config = project(tmp_path / name, data, epochs=1, lr=0.001)
+        config.write_text(config.read_text().replace(json.dumps(str(data / "train")), json.dumps(pattern)))
+        configs[name] = config
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29562",
+           "-m", "edgec.cli", "distill", "--config", str(configs["ddp"]), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = distill(configs["single"])
+    assert single.exit_code == 0, single.output
+    outs = {k: tmp_path / k / "build" / "distill" / STUDENT for k in configs}
+    manifest = json.loads((outs["ddp"] / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["ranks_max_abs_diff"] == 0.0
+    assert manifest["data"]["train_images"] == 24 * 8 + 5
+
+    def cache_files(name):
+        (train_cache,) = [d for d in (tmp_path / name / "build" / "cache").iterdir()
+                          if len(list(d.glob("part-*.json"))) == 5]
+        return {p.name: p.read_bytes() for p in sorted(train_cache.iterdir())}
+
+    ddp_cache, single_cache = cache_files("ddp"), cache_files("single")
+    assert ddp_cache.keys() == single_cache.keys() and all(ddp_cache[k] == single_cache[k] for k in ddp_cache)
+    keys = [k for name, blob in ddp_cache.items() if name.endswith(".json") and name.startswith("part-")
+            for k in json.loads(blob)["keys"]]
+    assert len(keys) == len(set(keys)) == 24 * 8 + 5  # no duplicates, no gaps
+    a, b = student_weights(outs["ddp"] / "last"), student_weights(outs["single"] / "last")
+    diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a if a[k].dtype.kind == "f"}
+    assert max(diffs.values()) < 1e-3, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
