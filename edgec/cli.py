@@ -79,6 +79,14 @@ out = Console(highlight=False, soft_wrap=True)
 err = _ErrorConsole()
 _state: dict[str, Any] = {"traceback": False, "stderr": None, "log": None}
 
+ReselectOpt = Annotated[bool, typer.Option(
+    "--reselect", help="Decide again what edgec.lock recorded (time the candidate precisions, search the float "
+                       "fallback) and rewrite it.")]
+LockedOpt = Annotated[bool, typer.Option(
+    "--locked", help="CI: fail (exit 2) instead of changing edgec.lock when a decision it holds no longer matches "
+                     "its inputs.")]
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
 
@@ -337,6 +345,35 @@ def _render_artifact(info: dict) -> None:
         out.print(f"note: {note}", markup=False)
 
 
+def _existing_ancestor(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path(".")
+
+
+def _folder_out(value: Optional[Path]) -> Optional[Path]:
+    """An output folder option: refused before any work when a file is in its place (never replaced)."""
+    if value is not None:
+        if value.exists() and not value.is_dir():
+            raise typer.BadParameter(f"{value} is a file, not a folder (edgec would replace it): choose another path")
+        base = _existing_ancestor(value)
+        if not base.is_dir():
+            raise typer.BadParameter(f"{base} is a file, so {value} cannot be created")
+    return value
+
+
+def _file_out(value: Optional[Path]) -> Optional[Path]:
+    """An output file option: refused before any work when it is a folder or cannot be created."""
+    if value is not None:
+        if value.is_dir():
+            raise typer.BadParameter(f"{value} is a folder: give a file name")
+        base = _existing_ancestor(value.parent)
+        if not base.is_dir():
+            raise typer.BadParameter(f"{base} is a file, so {value} cannot be created")
+    return value
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="edgec.toml (default: ./edgec.toml).")]
 
 
@@ -410,7 +447,7 @@ def inspect_cmd(
             if kind not in ModelKind.__members__:
                 raise EdgecError(f"--kind must be one of {', '.join(ModelKind.__members__)}, not {kind!r}")
             _trust(trust_pickle, model=model)
-            teacher = load_model(model, kind, arch=arch)
+            teacher = load_model(model, kind, arch=arch, trust_pickle=trust_pickle)
             info = describe(teacher, macs=macs)
             if student:
                 info["student"] = describe_student(student, teacher, image_size=image_size)
@@ -429,7 +466,7 @@ def distill_cmd(
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override [distill] epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Override [distill] batch_size.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Override [distill] lr.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/distill/<student>).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", callback=_folder_out, help="Output folder (default: <build>/distill/<student>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last finished epoch in the output folder.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     trust_pickle: TrustOpt = False,
@@ -459,17 +496,18 @@ def distill_cmd(
 @_command("golden")
 def golden_cmd(
     config: ConfigOpt = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/golden).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", callback=_folder_out, help="Output folder (default: <build>/golden).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
     trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher outputs on the eval set at full precision -> build/golden/ (records the device used)."""
-    from .config import load_config
+    from .config import check_device, load_config
     from .verify.golden import GoldenConfig, build_golden, load_golden
 
     cfg = load_config(config)
     _trust(trust_pickle, cfg)
+    check_device(device, "--device")
     gcfg = GoldenConfig.from_edgec(cfg, out=out_dir, device=device)
     with _build_lock(cfg, "edgec golden"):
         path = build_golden(gcfg, log=_logger(as_json))
@@ -484,7 +522,7 @@ def compile_cmd(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="A target from 'edgec targets', or 'all' ([targets] build).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="A device from 'edgec devices': picks its target, checks its constraints.")] = None,
     config: ConfigOpt = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/<target>).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", callback=_folder_out, help="Output folder (default: <build>/<target>).")] = None,
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Compile the teacher's image tower as it is.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the inputs are unchanged.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
@@ -497,6 +535,8 @@ def compile_cmd(
     jobs: Annotated[Optional[int], typer.Option(
         "--jobs", "-j", min=1, help="With several targets (--target all): how many compile at once, each in its own "
                                     "process (default: min(targets, CPU cores)).")] = None,
+    reselect: ReselectOpt = False,
+    locked: LockedOpt = False,
     trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -526,11 +566,12 @@ def compile_cmd(
 
             many = compile_many(cfg, targets, jobs=jobs, no_distill=no_distill, config_path=config_path,
                                 progress=progress and not as_json, device=device, force=force, towers=tower_list,
-                                head=head, log=log)
+                                head=head, reselect=reselect, locked=locked, log=log)
             _compile_summary(many, as_json)
             return
         res = compile_from_config(cfg, targets[0], no_distill=no_distill, out=out_dir, config_path=config_path,
                                   progress=progress and not as_json, device=device, force=force, log=log,
+                                  reselect=reselect, locked=locked,
                                   towers=tower_list, head=head)
     if as_json:
         _emit_json([{"out": str(res.out), **res.manifest}])
@@ -578,11 +619,11 @@ def quantize_cmd(
     eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Golden images for the ranking and the fallback "
                                              "search (the final metrics use all of them).")] = 128,
     sensitivity: Annotated[bool, typer.Option("--sensitivity/--no-sensitivity", help="Rank every layer (one program per layer).")] = True,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <build>/quantize).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", callback=_folder_out, help="Output folder (default: <build>/quantize).")] = None,
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Quantize the teacher's image tower as it is.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Instead: each backend's default flow vs edgec's, every "
                                                             "calibration method, one table (<out>/compare.md).")] = False,
-    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", help="Also put the --compare table (or the "
+    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", callback=_file_out, help="Also put the --compare table (or the "
                                                        "--tolerance fallback table) in a marked section of this "
                                                        "Markdown file.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = True,
@@ -593,8 +634,12 @@ def quantize_cmd(
     from .config import load_config
     from .quantize.run import BACKENDS, check_tolerance_met, quantize_from_config
 
-    cfg = _override(load_config(config), "quantize", tolerance=("--tolerance", tolerance))
+    cfg = _override(load_config(config), "quantize", tolerance=("--tolerance", tolerance), method=("--method", method))
     _trust(trust_pickle, cfg)
+    if backend != "all" and backend not in BACKENDS:  # before any work (the teacher's outputs are cached early)
+        from .errors import UnknownNameError
+
+        raise UnknownNameError(f"unknown backend {backend!r} for quantize", hint=f"one of {', '.join(BACKENDS)} or all")
     backends = BACKENDS if backend == "all" else (backend,)
     log = _logger(as_json)
     if compare:
@@ -654,6 +699,8 @@ def release_cmd(
     wait: Annotated[bool, typer.Option("--wait", help="Wait for another run holding the build folder's lock "
                                                       "instead of refusing.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the distillation progress bar.")] = False,
+    reselect: ReselectOpt = False,
+    locked: LockedOpt = False,
     trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -668,7 +715,7 @@ def release_cmd(
 
         _trust(True, load_config(config))
     result = run(ReleaseConfig(config=Path(config or DEFAULT_CONFIG), targets=names, wait=wait,
-                               progress=progress and not as_json), log=_logger(as_json))
+                               progress=progress and not as_json, reselect=reselect, locked=locked), log=_logger(as_json))
     if as_json:
         _emit_json(result.manifest)
     if not result.passed:
@@ -683,8 +730,8 @@ def verify_cmd(
     golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: <folder>/../golden).")] = None,
     gate: Annotated[Optional[list[str]], typer.Option("--gate", help="Gate such as agreement>=0.97 (repeatable); "
                                                       "replaces the gates recorded in the manifest.")] = None,
-    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML here.")] = None,
-    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown summary here "
+    junit: Annotated[Optional[Path], typer.Option("--junit", callback=_file_out, help="Write JUnit XML here.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", callback=_file_out, help="Write a Markdown summary here "
                                                      "(also appended to $GITHUB_STEP_SUMMARY when set).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Runtime threads.")] = None,
     on: Annotated[Optional[str], typer.Option("--on", help="Verify on a Linux device: ssh://user@host[:port] "
@@ -719,7 +766,13 @@ def verify_cmd(
                                install=install, edgec=remote_edgec, python=remote_python, remote_dir=remote_dir,
                                log=_logger(as_json))
     else:
-        report = verify(folder, golden, gate, threads=threads, junit=junit, markdown=markdown)
+        from .errors import GateFailed
+
+        try:
+            report = verify(folder, golden, gate, threads=threads, junit=junit, markdown=markdown)
+        except GateFailed as exc:
+            exc.hint = f"{exc.hint + '; ' if exc.hint else ''}'edgec diagnose {folder}' names the first layers that diverge"
+            raise
     if as_json:
         _emit_json(report)
     else:
@@ -757,6 +810,38 @@ def bundle_cmd(
               f" && edgec verify {result.path.name}", markup=False)
 
 
+@_command("diagnose")
+def diagnose_cmd(
+    folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile'.")],
+    config: ConfigOpt = None,
+    golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: <folder>/../golden).")] = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Golden images to run, chosen evenly across labels.")] = 8,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="A layer diverges when the cosine "
+                                             "between its float and artifact outputs is below this.")] = 0.99,
+    show: Annotated[int, typer.Option("--show", min=1, help="How many divergent layers to list.")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """The first layers where the artifact's outputs diverge from the float model, named as in the PyTorch model
+    (the float model comes from edgec.toml, checked against the manifest's hashes)."""
+    from .config import load_config
+    from .device.diagnose import diagnose
+
+    report = diagnose(folder, load_config(config), golden=golden, images=images, threshold=threshold, show=show,
+                      log=_logger(as_json))
+    if as_json:
+        _emit_json(report)
+        return
+    table = Table("layer", "class", "cosine", "")
+    for r in report["first_divergent"]:
+        table.add_row(r["layer"], r["class"], f"{r['cosine']:.4f}",
+                      f"(with {r['fused_with']}, fused)" if r.get("fused_with") else "")
+    if report["first_divergent"]:
+        out.print(f"first layers of {report['target']}/{report['artifact']} below cosine {report['threshold']:g} "
+                  f"({len(report['layers'])} layers compared, {report['images']} images):", markup=False)
+        out.print(table)
+    out.print(f"fix: {report['fix']}", markup=False)
+
+
 @_command("bench")
 def bench_cmd(
     folder: Annotated[Path, typer.Argument(help="A target folder written by 'edgec compile'.")],
@@ -786,9 +871,9 @@ def bench_cmd(
 @_command("report")
 def report_cmd(
     folders: Annotated[list[Path], typer.Argument(help="Verified target folders.")],
-    html_out: Annotated[Path, typer.Option("--html", help="Where to write the HTML page.")] = Path("build/report.html"),
+    html_out: Annotated[Path, typer.Option("--html", callback=_file_out, help="Where to write the HTML page.")] = Path("build/report.html"),
     golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (default: the one verify used).")] = None,
-    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", help="Also write the Markdown benchmark tables here.")] = None,
+    benchmarks: Annotated[Optional[Path], typer.Option("--benchmarks", callback=_file_out, help="Also write the Markdown benchmark tables here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One self-contained HTML page: teacher vs every target (accuracy, latency, size, worst images)."""

@@ -114,3 +114,13 @@ def device_venv(tmp_path_factory, edgec_wheel) -> Path:
 def base_python() -> str:
     """The interpreter this test venv was made from (what a device's python3 is: no packages of ours)."""
     return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
+@pytest.fixture(scope="session")
+def tflite_build(device_build) -> Path:
+    """The same project compiled for android-tflite (LiteRT int8)."""
+    config = device_build.parent / "edgec.toml"
+    result = runner.invoke(app, ["compile", "--target", "android-tflite", "--no-distill", "--no-progress",
+                                 "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    return device_build
