@@ -332,6 +332,7 @@ def _quantize_stage(config: CompileConfig, target, backend, encoder, preprocess,
                            log=lambda s: log(f"quantize: {s}"))
         if getattr(program, "report", None) is not None:
             result.record["delegation"] = program.report
+        result.record["key"] = key
         if config.tolerance is not None and settings.float_layers is None:
             lockfile.put(config.target, "float_layers", key,
                          {"float_layers": [la["name"] for la in result.record["float_layers"]],

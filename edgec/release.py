@@ -4,8 +4,10 @@
 when they are unchanged (golden: teacher, eval folder, prompts; distill: see
 :mod:`edgec.distill.stage`; compile: :func:`edgec.compile.cache_key`; verify: the artifacts' sha256,
 the golden set, the gates and the runtime versions), so a changed config key re-runs exactly the
-stages downstream of it. Quantization happens inside compile (each backend quantizes its
-candidates), so it has no stage of its own here.
+stages downstream of it. Quantize is the stage compile consumes (:mod:`edgec.quantize.stage`: the
+target's own int8 program with the configured method and, with a tolerance, its float layers); it is
+listed per target with its own status. Decisions that depend on timing or search come from
+``edgec.lock`` beside the config (``reselect``: decide again; ``locked``: fail instead of changing it).
 
 Interrupts: every stage writes through :func:`edgec.manifest.staged_dir` or atomic file writes, the
 distill stage trains beside the current student and swaps it in when finished, and the whole run
@@ -25,11 +27,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 from . import registry
 from .config import EdgecConfig, load_config
 from .errors import EXIT_GATE_FAILED, EdgecError, GateFailed, InputError
+from .lock import DECISIONS_FILE
 from .manifest import (atomic_write_json, atomic_write_text, package_versions, read_json, sha256_file, sha256_json,
                        sha256_path)
 
@@ -51,6 +53,8 @@ class ReleaseConfig:
     wait: bool = False  # wait for another run's lock instead of refusing
     wait_timeout: float | None = None
     progress: bool = False  # distillation progress bar
+    reselect: bool = False  # decide again what edgec.lock holds (fastest precision, fallback layers)
+    locked: bool = False  # CI: fail (exit 2) instead of changing edgec.lock
     version: int = 1
 
 
@@ -246,7 +250,12 @@ def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stag
     rec["files"] = _files(folder)
     rec["sources"] = manifest.get("sources")
     rec["versions"] = manifest.get("versions")
-    rec["selection"] = {k: manifest.get("selection", {}).get(k) for k in ("policy", "chosen")} if manifest.get("selection") else None
+    rec["selection"] = {k: manifest.get("selection", {}).get(k) for k in ("policy", "chosen", "decided_by")} \
+        if manifest.get("selection") else None
+    q = manifest.get("quantization")
+    rec["quantization"] = None if q is None else {
+        "method": q.get("method"), "calibration_sha256": q.get("calibration_sha256"), "shipped": q.get("shipped"),
+        "tolerance": q.get("tolerance"), "float_layers": [la.get("name") for la in q.get("float_layers", [])]}
     rec["metrics"] = {r["artifact"]: r["metrics"] for r in report["results"]}
     rec["gates"] = [dict(g, artifact=r["artifact"]) for r in report["results"] for g in r["gates"]]
     rec["passed"] = bool(report["passed"])
@@ -256,29 +265,27 @@ def _target_record(target: str, folder: Path, compile_stage: _Stage, verify_stag
 
 
 def to_junit(release: dict) -> str:
-    from .verify.run import junit_gate_case
+    """One <testsuite> per target: a case per stage that stopped (a gate: failure; an error: error) and
+    per gate of each artifact (edgec.verify.junit)."""
+    from .verify.junit import Case, Suite, gate_case, testsuites_xml
 
-    suites, total, total_fail = [], 0, 0
+    suites = []
     for target, rec in release["targets"].items():
-        cases, failures = [], 0
+        cases = []
         t = (rec.get("verify") or {}).get("seconds", 0)
         for stage in ("compile", "verify"):
             st = rec.get(stage)
             if st and st["status"] == "failed":  # a gate decided it (failure) or an error stopped it (error)
-                failures += 1
-                kind = "failure" if st.get("exit_code") == EXIT_GATE_FAILED else "error"
-                msg = escape(st.get("error") or "", {'"': "&quot;"})
-                cases.append(f'    <testcase classname="edgec.release.{escape(target)}" name="{escape(target)}: {stage}" '
-                             f'time="{st["seconds"]}"><{kind} message="{msg}"/></testcase>')
-        for g in rec.get("gates", []):
-            cases.append(junit_gate_case(f"edgec.release.{escape(target)}", target, g["artifact"], g, t, indent="    "))
-            failures += not g["passed"]
-        total += len(cases)
-        total_fail += failures
-        suites.append(f'  <testsuite name="edgec release {escape(target)}" tests="{len(cases)}" failures="{failures}">\n'
-                      + "\n".join(cases) + "\n  </testsuite>")
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="edgec release" tests="{total}" failures="{total_fail}">\n'
-            + "\n".join(suites) + "\n</testsuites>\n")
+                case = Case(f"{target}: {stage}", f"edgec.release.{target}", st.get("seconds") or 0.0)
+                if st.get("exit_code") == EXIT_GATE_FAILED:
+                    case.failure = st.get("error") or "a gate failed"
+                else:
+                    case.error = st.get("error") or "stopped"
+                    case.error_type = {2: "bad input", 3: "missing toolchain"}.get(st.get("exit_code"), "error")
+                cases.append(case)
+        cases += [gate_case(f"edgec.release.{target}", target, g["artifact"], g, t) for g in rec.get("gates", [])]
+        suites.append(Suite(f"edgec release {target}", cases))
+    return testsuites_xml(suites, package="edgec.release")
 
 
 def to_markdown(release: dict) -> str:
@@ -350,7 +357,13 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
                 cfg, targets=dataclasses.replace(cfg.targets, device=None))
             try:
                 res = compile_from_config(tcfg, t, config_path=Path(config.config), progress=config.progress, log=log,
-                                          student_dir=students[name].student)
+                                          student_dir=students[name].student, reselect=config.reselect,
+                                          locked=config.locked)
+                q = res.manifest.get("quantization")
+                if q is not None:  # the quantize stage compile consumed (cached when compile was, or its folder was)
+                    stages.append(_Stage("quantize", t, q.get("key"),
+                                         "cached" if res.cached else q.get("status", "ran"), q.get("seconds") or 0.0,
+                                         str(build / "quantized" / t)))
                 cstage = _Stage("compile", t, res.manifest["build"].get("cache_key"), "cached" if res.cached else "ran",
                                 time.time() - t1, str(res.out))
             except EdgecError as exc:  # recorded; the other targets still run and release.json is still written
@@ -386,6 +399,7 @@ def run(config: ReleaseConfig, *, log=print) -> ReleaseOutputs:
                              "weights_sha256": read_json(s.student / "edgec_student.json").get("weights_sha256"),
                              "metrics": s.manifest.get("metrics")} for n, s in students.items()},
             "stages": [s.record() for s in stages],
+            "lock": str(config_path.resolve().parent / DECISIONS_FILE),
             "sources": {
                 "config": sha256_file(config_path) if config_path.is_file() else None,
                 "teacher": golden.extra["meta"]["teacher"]["sha256"] if golden.extra["meta"] else None,
