@@ -86,39 +86,54 @@ class _Embedder:
         return self.model.encode_text(texts).float().numpy()
 
 
-def _write_part(folder: Path, part: int, name: str, batches: list[PartBatch], emb: _Embedder, views: int,
-                dim: int, with_text: bool) -> None:
-    batches.sort(key=lambda b: b.start)
-    keys = [k for b in batches for k in b.keys]
-    ok = np.concatenate([b.ok for b in batches]) if batches else np.zeros(0, bool)
+@dataclass
+class _Embedded:
+    """One loader batch after the teacher: embeddings only (the pixels are dropped at once)."""
+
+    batch: PartBatch  # with ``pixels`` emptied
+    image: np.ndarray  # (ok rows, views, D) float16
+    texts: list[np.ndarray]  # per row, (its captions, D) float16
+
+
+def _embed(b: PartBatch, emb: _Embedder, views: int, dim: int, with_text: bool) -> _Embedded:
+    image = np.zeros((0, views, dim), np.float16)
+    if b.ok.any():
+        flat = emb.images(b.pixels.reshape(-1, *b.pixels.shape[2:]))
+        image = flat.reshape(int(b.ok.sum()), views, dim).astype(np.float16)
+    texts = [np.zeros((0, dim), np.float16)] * len(b.keys)
+    if with_text:
+        rows_caps = [caps if good else () for caps, good in zip(b.captions, b.ok)]
+        distinct = list(dict.fromkeys(c for caps in rows_caps for c in caps))
+        if distinct:
+            enc = emb.texts(distinct).astype(np.float16)
+            pos = {c: i for i, c in enumerate(distinct)}
+            texts = [enc[[pos[c] for c in caps]] if caps else np.zeros((0, dim), np.float16) for caps in rows_caps]
+    b.captions = [caps if good else () for caps, good in zip(b.captions, b.ok)]
+    b.pixels = b.pixels[:0]
+    return _Embedded(b, image, texts)
+
+
+def _write_part(folder: Path, part: int, name: str, done: list[_Embedded], views: int, dim: int) -> None:
+    done.sort(key=lambda e: e.batch.start)
+    keys = [k for e in done for k in e.batch.keys]
     image = np.zeros((len(keys), views, dim), np.float16)
     texts, cap_start, cap_ids = [], [0], []
     row = 0
-    for b in batches:
-        if b.ok.any():
-            flat = emb.images(b.pixels.reshape(-1, *b.pixels.shape[2:])).reshape(int(b.ok.sum()), views, dim)
-            image[row + np.flatnonzero(b.ok)] = flat.astype(np.float16)
-        if with_text:
-            rows_caps = [caps if good else () for caps, good in zip(b.captions, b.ok)]
-            distinct = list(dict.fromkeys(c for caps in rows_caps for c in caps))
-            if distinct:
-                enc = emb.texts(distinct)
-                pos = {c: i for i, c in enumerate(distinct)}
-                for caps in rows_caps:
-                    texts.extend(enc[pos[c]] for c in caps)
-            for caps in rows_caps:
-                cap_ids.extend(caption_id(c) for c in caps)
-                cap_start.append(cap_start[-1] + len(caps))
-        else:
-            cap_start.extend([0] * len(b.keys))
-        row += len(b.keys)
+    for e in done:
+        image[row + np.flatnonzero(e.batch.ok)] = e.image
+        for caps, t in zip(e.batch.captions, e.texts):
+            texts.append(t)
+            cap_ids.extend(caption_id(c) for c in caps)
+            cap_start.append(cap_start[-1] + len(caps))
+        row += len(e.batch.keys)
     stem = _part_stem(folder, part)
     _save_npy(stem.with_suffix(".image.npy"), image)
-    _save_npy(stem.with_suffix(".text.npy"), np.asarray(texts, np.float16).reshape(-1, dim))
+    _save_npy(stem.with_suffix(".text.npy"), np.concatenate(texts) if texts else np.zeros((0, dim), np.float16))
     atomic_write_json(stem.with_suffix(".json"), {
-        "part": part, "name": name, "n": len(keys), "keys": keys, "ok": ok.astype(int).tolist(),
-        "labels": [lab for b in batches for lab in b.labels], "cap_start": cap_start, "cap_ids": cap_ids,
-        "refs": [list(r) for b in batches for r in b.refs], "bad": [list(e) for b in batches for e in b.errors]})
+        "part": part, "name": name, "n": len(keys), "keys": keys,
+        "ok": np.concatenate([e.batch.ok for e in done]).astype(int).tolist() if done else [],
+        "labels": [lab for e in done for lab in e.batch.labels], "cap_start": cap_start, "cap_ids": cap_ids,
+        "refs": [list(r) for e in done for r in e.batch.refs], "bad": [list(x) for e in done for x in e.batch.errors]})
 
 
 @dataclass
@@ -146,13 +161,12 @@ def build_teacher_cache(model, source: Source, *, prompts: list[str], folder: Pa
     if todo:
         stream = PartStream(source, model.preprocess, todo, batch_size=batch_size, views=views, seed=seed, augment=augment)
         bar = _bar(progress, f"teacher outputs ({source.kind}, {len(todo)} chunks)", len(todo))
-        pending: dict[int, list[PartBatch]] = {}
+        pending: dict[int, list[_Embedded]] = {}
         try:
             for batch in stream_loader(stream, workers):
-                pending.setdefault(batch.part, []).append(batch)
+                pending.setdefault(batch.part, []).append(_embed(batch, emb, views, dim, with_text))
                 if batch.last:
-                    _write_part(folder, batch.part, source.part_name(batch.part), pending.pop(batch.part), emb, views,
-                                dim, with_text)
+                    _write_part(folder, batch.part, source.part_name(batch.part), pending.pop(batch.part), views, dim)
                     if bar is not None:
                         bar.advance()
         finally:
