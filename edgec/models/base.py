@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class MultimodalModel:
     logit_bias: float | None = None
     notes: list[str] = field(default_factory=list)
     param_counts: dict[str, int] | None = None  # when towers share modules with the whole model
+    token_table: int | None = None  # rows of the text tower's token embedding table (ids must stay below)
 
     def params(self) -> dict[str, int]:
         """Parameter count per tower."""
@@ -95,18 +97,106 @@ class MultimodalModel:
         return out
 
 
+def check_one_space(source, widths: dict[str, int]) -> None:
+    """The towers of a dual encoder must land in one embedding space: refuse a model whose towers give
+    embeddings of different widths (``widths``: tower -> output width), naming both."""
+    if len(set(widths.values())) > 1:
+        from ..errors import InputError
+
+        shown = " but ".join(f"the {t} tower gives {w}-d embeddings" for t, w in widths.items())
+        raise InputError(f"{source}: {shown}: the towers do not share one embedding space, so image and text "
+                         "embeddings cannot be compared", hint="give a dual encoder whose towers project to the same width")
+
+
+def check_vocabulary(model: MultimodalModel) -> None:
+    """Every id the tokenizer can emit must index the text tower's token embedding table: refuse a model
+    whose tokenizer is larger than the table (it would fail with an index error on the first rare word)."""
+    if model.tokenizer is None or model.token_table is None:
+        return
+    size = getattr(model.tokenizer, "vocab_size", None)
+    if size is None:
+        size = len(getattr(model.tokenizer, "vocab", ()) or ()) or None
+    if size is not None and size > model.token_table:
+        from ..errors import InputError
+
+        raise InputError(f"{model.source}: the tokenizer has {size} tokens but the text tower's token embedding "
+                         f"table has {model.token_table} rows, so ids {model.token_table}..{size - 1} would index "
+                         "past it", hint="give the model the tokenizer it was trained with, or the vocab_size "
+                                         "it was trained with in its model config")
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_macs(module: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass (PyTorch's FLOP counter / 2)."""
+# PyTorch modules with an inference "fast path" (a fused native kernel, taken under no_grad in eval
+# mode): exporters cannot convert it (aten::_native_multi_head_attention) and FLOP counters do not see
+# inside it. torch.backends.mha's flag turns it off; :func:`plain_attention` makes such modules take
+# the plain math path on every call, whoever calls them.
+FAST_PATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+@contextlib.contextmanager
+def attention_math_path():
+    """Within this block nn.MultiheadAttention and nn.TransformerEncoder(Layer) compute with plain ops."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _fast_path_off(module: nn.Module, args) -> None:
+    module._edgec_fastpath_stack.append(torch.backends.mha.get_fastpath_enabled())
+    torch.backends.mha.set_fastpath_enabled(False)
+
+
+def _fast_path_restore(module: nn.Module, args, output) -> None:
+    torch.backends.mha.set_fastpath_enabled(module._edgec_fastpath_stack.pop())
+
+
+def plain_attention(module: nn.Module) -> nn.Module:
+    """Make every fast-path module inside ``module`` compute with plain ops (same numbers to float
+    rounding), so that export, MAC counting and the eager forward all see one graph. Idempotent."""
+    for m in module.modules():
+        if isinstance(m, FAST_PATH_MODULES) and not hasattr(m, "_edgec_fastpath_stack"):
+            m._edgec_fastpath_stack = []
+            m.register_forward_pre_hook(_fast_path_off)
+            m.register_forward_hook(_fast_path_restore, always_call=True)
+    return module
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of softmax(Q K^T) V: two batched matmuls (the CPU kernels have no formula in PyTorch's counter)."""
+    *batch, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    b = 1
+    for d in batch:
+        b *= d
+    return 2 * b * s_q * s_k * d_qk + 2 * b * s_q * s_k * d_v
+
+
+def _sdpa_ops() -> dict:
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable")
+    return {getattr(aten, n): _sdpa_flops for n in names if hasattr(aten, n)}
+
+
+def count_macs(module: nn.Module, example: torch.Tensor, *, by_op: bool = False) -> int | tuple[int, dict[str, int]]:
+    """Multiply-accumulates of one forward pass (PyTorch's FLOP counter / 2), on the plain math path of
+    attention (what an exported graph computes), attention's two matmuls included. ``by_op``: also the
+    MACs per ATen op (convolution, addmm, mm, bmm, sdpa...)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = module.training
     module.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
+    counter = FlopCounterMode(display=False, custom_mapping=_sdpa_ops())
+    with counter, torch.inference_mode(), attention_math_path():
         module(example)
     module.train(was_training)
-    return int(counter.get_total_flops() // 2)
+    total = int(counter.get_total_flops() // 2)
+    if not by_op:
+        return total
+    per_op = {str(op).replace("aten.", ""): int(v // 2) for op, v in counter.get_flop_counts().get("Global", {}).items()}
+    return total, per_op

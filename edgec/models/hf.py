@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..data.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 from ..errors import InputError, require_module
-from .base import MultimodalModel
+from .base import MultimodalModel, check_one_space
 from .tokenizers import HFTokenizer
 
 SUPPORTED = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -76,6 +77,11 @@ def load(folder: str | Path) -> MultimodalModel:
         config = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{folder / 'config.json'} is not valid JSON ({exc.msg})", hint="the model folder is corrupt") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{folder / 'config.json'} is not UTF-8 text", hint="the model folder is corrupt") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{folder / 'config.json'} is a JSON {type(config).__name__}, not an object",
+                         hint="point at a folder written by save_pretrained") from None
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
         raise InputError(f"{folder}: Hugging Face model_type {model_type!r} is not a supported dual encoder",
@@ -87,6 +93,10 @@ def load(folder: str | Path) -> MultimodalModel:
     cls = getattr(transformers, SUPPORTED[model_type])
     try:
         model = cls.from_pretrained(folder, local_files_only=True).eval()
+    except pickle.UnpicklingError as exc:  # transformers reads pytorch_model.bin with weights_only=True
+        weights = folder / "pytorch_model.bin"
+        raise InputError(f"{weights} holds pickled Python objects, not only tensors ({str(exc).splitlines()[0][:100]})",
+                         hint="save the model with save_pretrained(folder, safe_serialization=True)") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"cannot load {folder} as {cls.__name__}: {str(exc).splitlines()[0]}",
                          hint="the weights are corrupt or do not match config.json") from None
@@ -94,11 +104,21 @@ def load(folder: str | Path) -> MultimodalModel:
     if model_type == "clip":
         image = HFTower(model.vision_model, model.visual_projection, "pixel_values")
         text = HFTower(model.text_model, model.text_projection, "input_ids")
-        embed_dim = model.config.projection_dim
+        widths = {"image": int(model.visual_projection.out_features), "text": int(model.text_projection.out_features)}
     else:
+        # SigLIP has no projection: the image embedding is the vision tower's pooled (attention-pooling
+        # head) output, vision_config.hidden_size wide; the text embedding is the text tower's head
+        # output, text_config.projection_size wide (hidden_size when unset)
+        if not getattr(model.config.vision_config, "vision_use_head", True):
+            raise InputError(f"{folder}: SiglipModel with vision_use_head = false has no pooled image embedding",
+                             hint="edgec reads SigLIP models whose vision tower has its attention-pooling head")
         image = HFTower(model.vision_model, None, "pixel_values")
         text = HFTower(model.text_model, None, "input_ids")
-        embed_dim = model.config.text_config.hidden_size
+        tc = model.config.text_config
+        widths = {"image": int(model.config.vision_config.hidden_size),
+                  "text": int(getattr(tc, "projection_size", None) or tc.hidden_size)}
+    check_one_space(folder / "config.json", widths)
+    embed_dim = widths["image"]
     context = int(model.config.text_config.max_position_embeddings)
 
     notes, tokenizer = [], None
@@ -124,4 +144,5 @@ def load(folder: str | Path) -> MultimodalModel:
         logit_scale=float(model.logit_scale.detach().exp()),
         logit_bias=float(bias.detach()) if bias is not None else None,
         notes=notes,
+        token_table=int(model.text_model.embeddings.token_embedding.num_embeddings),
     )

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 from ..errors import InputError
-from .base import MultimodalModel, count_macs
+from .base import MultimodalModel, check_vocabulary, count_macs, plain_attention
 
 
 class ModelKind(str, enum.Enum):
@@ -60,7 +60,32 @@ def load_model(path: str | Path, kind: ModelKind | str = ModelKind.auto, *, arch
         if not arch:
             raise InputError("an open_clip model needs --arch (architecture name or model-config .json)")
         model = openclip.load(path, arch, trust_pickle=trust_pickle)
+    check_finite(model, path)
+    check_vocabulary(model)
+    for tower in model.towers().values():
+        plain_attention(tower)  # export, MAC counts and golden outputs all see attention's math path
     return model.eval()
+
+
+def check_finite(model: MultimodalModel, path: Path) -> None:
+    """Refuse NaN or infinite weights at intake: they would give a golden set of NaN, not an error."""
+    import math
+
+    import torch
+
+    for tower_name, tower in model.towers().items():
+        # parameters must be finite; buffers only not NaN (attention masks hold -inf by design)
+        tensors = [(n, t, torch.isfinite) for n, t in tower.named_parameters()]
+        tensors += [(n, t, lambda x: ~torch.isnan(x)) for n, t in tower.named_buffers()]
+        for name, tensor, ok in tensors:
+            if tensor.is_floating_point() and not bool(ok(tensor).all()):
+                bad = int((~ok(tensor)).sum())
+                raise InputError(f"{path}: {bad} non-finite value(s) (NaN or inf) in the {tower_name} tower's "
+                                 f"weight '{name}'", hint="the checkpoint is corrupt or training diverged; "
+                                                          "use another checkpoint")
+    if not math.isfinite(model.logit_scale):
+        raise InputError(f"{path}: the logit scale is not finite ({model.logit_scale})",
+                         hint="the checkpoint is corrupt or training diverged; use another checkpoint")
 
 
 def describe(model: MultimodalModel, *, macs: bool = True) -> dict:

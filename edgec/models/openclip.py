@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 from ..errors import InputError, UnknownNameError, did_you_mean, require_module
-from .base import MultimodalModel, count_params
+from .base import MultimodalModel, check_one_space, count_params
 from .tokenizers import OpenClipTokenizer
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -42,12 +42,16 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         except (SafetensorError, OSError) as exc:
             raise InputError(f"cannot read {path}: {exc}", hint="the checkpoint is corrupt or truncated") from None
     else:
+        from ..trust import pickle_trusted, refusal_hint
+
         try:
-            # full unpickling (code execution) only when the user passed --trust-pickle
-            state = torch.load(path, map_location="cpu", weights_only=True if not trust_pickle else False)
+            # full unpickling (code execution) only when the person running edgec trusts this file's
+            # sha256 (--trust-pickle or $EDGEC_TRUST_PICKLE; never a config file: edgec.trust)
+            trusted = trust_pickle or pickle_trusted(path)
+            state = torch.load(path, map_location="cpu", weights_only=not trusted)
         except pickle.UnpicklingError as exc:
             raise InputError(f"{path} holds pickled Python objects, not only tensors ({str(exc).splitlines()[0][:120]})",
-                             hint="re-save it as a plain state_dict or safetensors; pass --trust-pickle only if you trust its source") from None
+                             hint=refusal_hint(path)) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
             raise InputError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}",
                              hint="the file is corrupt or truncated; copy it again") from None
@@ -86,6 +90,7 @@ def load(checkpoint: str | Path, arch: str, *, trust_pickle: bool = False) -> Mu
         raise InputError(f"{checkpoint} does not match open_clip architecture {name!r}: {str(exc).splitlines()[1].strip()[:200]}",
                          hint="pass the --arch the checkpoint was trained with") from None
 
+    check_one_space(f"open_clip architecture {name!r}", _tower_widths(model))
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
     hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -123,4 +128,31 @@ def load(checkpoint: str | Path, arch: str, *, trust_pickle: bool = False) -> Mu
         logit_bias=float(bias.detach()) if bias is not None else None,
         notes=notes,
         param_counts={"image": count_params(image), "text": count_params(model) - count_params(image) - extra},
+        token_table=_token_table(model),
     )
+
+
+def _tower_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of each tower, where the architecture states it (image: ``output_dim``; text: the
+    projection's output width)."""
+    widths = {}
+    out = getattr(model.visual, "output_dim", None)
+    if isinstance(out, int):
+        widths["image"] = out
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.Tensor) and proj.dim() == 2:
+        widths["text"] = int(proj.shape[1])
+    elif isinstance(proj, nn.Linear):
+        widths["text"] = int(proj.out_features)
+    return widths
+
+
+def _token_table(model: nn.Module) -> int | None:
+    """Rows of the text tower's token embedding (open_clip's CLIP: ``token_embedding``; custom text towers:
+    their first nn.Embedding)."""
+    table = getattr(model, "token_embedding", None)
+    if isinstance(table, nn.Embedding):
+        return int(table.num_embeddings)
+    text = getattr(model, "text", None)
+    first = next((m for m in text.modules() if isinstance(m, nn.Embedding)), None) if text is not None else None
+    return int(first.num_embeddings) if first is not None else None

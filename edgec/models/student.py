@@ -67,13 +67,44 @@ def disable_fused_attention(module: nn.Module) -> None:
             m.fused_attn = False
 
 
-def create_student(spec: StudentSpec, *, seed: int | None = None) -> Student:
+def _timm_kwargs(name: str, size: tuple[int, int]) -> dict:
+    """``img_size`` for the models timm marks ``fixed_input_size`` (their position tables or attention biases
+    are built for one resolution: EfficientFormerV2, EfficientViT-M...); others get nothing."""
+    cfg = _timm().get_pretrained_cfg(name)
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return {}
+    return {"img_size": size[0] if size[0] == size[1] else list(size)}
+
+
+def create_student(spec: StudentSpec, *, seed: int | None = None, timm_kwargs: dict | None = None) -> Student:
+    """A student at ``spec.preprocess.size``: models that are built for one resolution get it (``img_size``);
+    a model that cannot run at that size is refused with the sizes it supports. ``timm_kwargs`` (from a
+    checkpoint) replaces that choice."""
     check_student_name(spec.name)
+    size = tuple(spec.preprocess.size)
+    if timm_kwargs is None:
+        from .students import check_size
+
+        check_size(spec.name, size)
+        timm_kwargs = _timm_kwargs(spec.name, size)
     if seed is not None:
         torch.manual_seed(seed)
-    backbone = _timm().create_model(spec.name, pretrained=False, num_classes=0)
+    kwargs = dict(timm_kwargs)
+    if isinstance(kwargs.get("img_size"), list):
+        kwargs["img_size"] = tuple(kwargs["img_size"])
+    try:
+        backbone = _timm().create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as exc:  # a fixed-size model whose constructor has no img_size: build it at its own size
+        if "img_size" not in str(exc):
+            raise
+        timm_kwargs = {}
+        backbone = _timm().create_model(spec.name, pretrained=False, num_classes=0)
     student = Student(backbone, spec.embed_dim)
+    student.timm_kwargs = dict(timm_kwargs)
     disable_fused_attention(student)
+    from .students import check_runs
+
+    check_runs(student, spec.name, size)
     return student
 
 
@@ -86,7 +117,8 @@ def save_student(student: Student, spec: StudentSpec, folder: str | Path, *, ext
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         atomic_write_json(tmp / CONFIG_FILE, {
             "format": FORMAT, "version": FORMAT_VERSION, **spec.to_json(),
-            "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(tmp / WEIGHTS_FILE), **(extra or {}),
+            "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
+            "timm_kwargs": getattr(student, "timm_kwargs", {}), **(extra or {}),
         })
     return folder
 
@@ -120,7 +152,7 @@ def load_student(folder: str | Path) -> tuple[Student, StudentSpec, dict]:
     if cfg.get("weights_sha256") and sha256_file(weights) != cfg["weights_sha256"]:
         raise InputError(f"{weights} does not match the sha256 recorded in {CONFIG_FILE} (truncated or altered)",
                          hint="train or copy the student again")
-    student = create_student(spec)
+    student = create_student(spec, timm_kwargs=cfg.get("timm_kwargs", {}))  # as it was built (older: none)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

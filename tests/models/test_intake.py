@@ -7,6 +7,7 @@ import pickle
 import shutil
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
@@ -236,3 +237,109 @@ def test_no_torch_load_without_weights_only():
         for line in path.read_text().splitlines():
             if re.search(r"torch\.load\(", line):
                 assert "weights_only=" in line, f"{path}: {line.strip()}"
+
+
+# ---------------------------------------------------------------- models users bring (issue 12)
+
+
+def _siglip(folder, torch, *, text_width: int, image_width: int, projection_size: int | None = None):
+    from transformers import SiglipConfig, SiglipModel
+
+    text = {"vocab_size": 100, "hidden_size": text_width, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 12}
+    if projection_size is not None:
+        text["projection_size"] = projection_size
+    config = SiglipConfig(text_config=text, vision_config={"image_size": 32, "patch_size": 8, "hidden_size": image_width,
+                                                           "intermediate_size": 64, "num_hidden_layers": 1,
+                                                           "num_attention_heads": 2})
+    torch.manual_seed(5)
+    SiglipModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_siglip_image_width_is_the_vision_towers(tmp_path, torch):
+    """SigLIP has no projection: the image embedding is vision_config.hidden_size wide, the text one
+    text_config.projection_size wide; with both 96 the model is one space of 96-d embeddings."""
+    from transformers import SiglipModel
+
+    from edgec.models import load_model
+
+    folder = _siglip(tmp_path / "sig", torch, text_width=64, image_width=96, projection_size=96)
+    info = inspect_json(str(folder), "--no-macs")
+    assert info["embedding_dim"] == 96 and info["towers"]["image"]["output"]["shape"] == [1, 96]
+    model = load_model(folder)
+    ref = SiglipModel.from_pretrained(folder).eval()
+    x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        img, txt = _features(ref.get_image_features(pixel_values=x)), _features(ref.get_text_features(input_ids=ids))
+    assert model.encode_image(x).shape == (2, 96) == img.shape and txt.shape == (2, 96)
+    np.testing.assert_allclose(model.encode_image(x).numpy(), torch.nn.functional.normalize(img, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(ids).numpy(), torch.nn.functional.normalize(txt, dim=-1).numpy(), atol=1e-5)
+
+
+def test_towers_in_different_spaces_are_refused(tmp_path, torch):
+    folder = _siglip(tmp_path / "sig", torch, text_width=64, image_width=96)
+    assert_one_line_error(runner.invoke(app, ["inspect", str(folder)]), "image tower gives 96-d", "text tower gives 64-d")
+
+
+def test_tokenizer_larger_than_the_token_table_is_refused(tiny_open_clip, tmp_path, torch):
+    """An open_clip config with a 1000-word vocabulary and CLIP's 49408-token tokenizer: refused at intake,
+    not an IndexError in golden."""
+    import open_clip
+
+    from tests.conftest import TINY_OPEN_CLIP
+
+    arch = tmp_path / "edgec-small-vocab.json"
+    arch.write_text(json.dumps({**TINY_OPEN_CLIP, "text_cfg": {**TINY_OPEN_CLIP["text_cfg"], "vocab_size": 1000}}))
+    open_clip.add_model_config(arch)
+    ckpt = tmp_path / "small.pt"
+    torch.save(open_clip.create_model("edgec-small-vocab", pretrained=None).state_dict(), ckpt)
+    assert_one_line_error(runner.invoke(app, ["inspect", str(ckpt), "--arch", str(arch)]), "49408 tokens", "1000 rows")
+
+
+def _vit_macs(*, image: int, patch: int, width: int, layers: int, mlp: int, out: int, tokens_extra: int = 1) -> int:
+    """MACs of a CLIP ViT image tower by formula: patch conv, per block q/k/v/out projections, the two attention
+    matmuls (Q K^T and A V) and the MLP, then the output projection."""
+    t = (image // patch) ** 2 + tokens_extra
+    per_block = 4 * t * width * width + 2 * t * t * width + 2 * t * width * mlp
+    return (image // patch) ** 2 * 3 * patch * patch * width + layers * per_block + width * out
+
+
+def test_open_clip_attention_math_path_macs_and_export(tiny_open_clip, tmp_path, torch):
+    """nn.MultiheadAttention's inference fast path hides q/k/v, the attention matmuls and the output
+    projection from the FLOP counter and cannot be exported: edgec's towers take the math path."""
+    from edgec.backends.onnx import export
+    from edgec.models import load_model
+    from edgec.models.base import count_macs
+
+    ckpt, arch = tiny_open_clip
+    model = load_model(ckpt, arch=str(arch))
+    vc = json.loads(arch.read_text())["vision_cfg"]
+    expected = _vit_macs(image=32, patch=8, width=32, layers=2, mlp=4 * 32, out=24)
+    assert count_macs(model.image_encoder, torch.zeros(1, 3, 32, 32)) == expected, vc
+    info = inspect_json(str(ckpt), "--arch", str(arch))
+    assert info["towers"]["image"]["macs"] == expected
+    for p in model.image_encoder.parameters():  # a frozen teacher under no_grad is where the fast path is taken
+        p.requires_grad_(False)
+    with torch.no_grad():
+        export(model.image_encoder, (1, 3, 32, 32), tmp_path / "image.onnx")
+    import onnxruntime as ort
+
+    x = torch.randn(1, 3, 32, 32)
+    got = ort.InferenceSession(str(tmp_path / "image.onnx")).run(None, {"pixels": x.numpy()})[0]
+    np.testing.assert_allclose(got, model.encode_image(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_open_clip_vit_b_16_image_macs_real_size(torch):
+    """open_clip ViT-B-16 (random init, real size): the image tower's MACs by formula, 17.56 G (the attention
+    matmuls are 0.72 G of it; without them 16.85 G)."""
+    import open_clip
+
+    from edgec.models.base import count_macs, plain_attention
+
+    model = plain_attention(open_clip.create_model("ViT-B-16", pretrained=None).eval())
+    expected = _vit_macs(image=224, patch=16, width=768, layers=12, mlp=3072, out=512)
+    got = count_macs(model.visual, torch.zeros(1, 3, 224, 224))
+    assert abs(got - expected) / expected < 0.001, (got, expected)
+    assert 17.5e9 < got < 17.6e9

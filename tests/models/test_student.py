@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgec.data.preprocess import Preprocess
-from edgec.errors import UnknownNameError
+from edgec.errors import InputError, UnknownNameError
 from edgec.models.student import StudentSpec, create_student, load_student, save_student
 
 
@@ -32,3 +32,32 @@ def test_student_checkpoint_round_trip(tmp_path, torch):
 def test_unknown_student_names_close_ones():
     with pytest.raises(UnknownNameError, match="mobilevit_xs"):
         create_student(StudentSpec("mobilevit_xss", 8, Preprocess()))
+
+
+def test_fixed_size_student_gets_the_image_size(tmp_path, torch):
+    """EfficientFormerV2's attention biases are built for one resolution: at 64 px it needs img_size=64."""
+    spec = StudentSpec("efficientformerv2_s0", 32, Preprocess(size=(64, 64)))
+    student = create_student(spec, seed=0).eval()
+    assert student.timm_kwargs == {"img_size": 64}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert student(x).shape == (2, 32)
+    save_student(student, spec, tmp_path / "s")
+    loaded, _, cfg = load_student(tmp_path / "s")
+    assert cfg["timm_kwargs"] == {"img_size": 64}
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), student(x))
+
+
+def test_student_at_a_size_it_cannot_run_is_refused():
+    with pytest.raises(InputError, match=r"cannot run at 72x72 px: efficientformerv2 supports sides that are multiples of 32"):
+        create_student(StudentSpec("efficientformerv2_s0", 8, Preprocess(size=(72, 72))))
+
+
+def test_unregistered_student_at_a_size_it_cannot_run_names_the_sizes_that_run(monkeypatch):
+    """Any timm name: one forward at the size; when it fails, the sizes that run are named."""
+    from edgec.models import students
+
+    monkeypatch.setattr(students, "FAMILIES", {})  # efficientformerv2 as an unregistered name
+    with pytest.raises(InputError, match=r"cannot run at 72x72 px; it runs at square sides 32, 64, 96, 128, 160, 192, 224, 256"):
+        create_student(StudentSpec("efficientformerv2_s0", 8, Preprocess(size=(72, 72))))
