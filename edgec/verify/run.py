@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image
@@ -19,7 +18,8 @@ from ..runtime.isa import host_isa
 from ..runtime.runners import open_runner
 from .gates import parse_gate
 from .golden import Golden, load_golden
-from .metrics import agreement, cosine, recall_at_k, top1_accuracy, zero_shot_predictions
+from .metrics import (accelerator_metrics, agreement, cosine, first_unmapped, recall_at_k, top1_accuracy,
+                      zero_shot_predictions)
 
 DEFAULT_GATES = ("agreement>=0.97",)
 
@@ -73,6 +73,17 @@ def check_gates(metrics: dict[str, float], exprs: list[str]) -> list[dict]:
     return results
 
 
+def check_same_teacher(folder: Path, manifest: dict, golden_dir: Path, meta: dict) -> None:
+    """The golden set must come from the teacher the artifacts were built from (same architecture is not
+    enough: another teacher's outputs would only be caught, if at all, by a gate)."""
+    built_from = (manifest.get("sources") or {}).get("teacher")
+    golden_from = (meta.get("teacher") or {}).get("sha256")
+    if built_from and golden_from and built_from != golden_from:
+        raise InputError(f"the golden set in {golden_dir} was made by another teacher (sha256 {golden_from[:12]}...) "
+                         f"than {folder} was built from ({built_from[:12]}...)",
+                         hint="run 'edgec golden' with this model's teacher, or pass the right --golden")
+
+
 def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list[str] | None = None, *,
            threads: int | None = None, junit: Path | None = None, markdown: Path | None = None) -> dict:
     """Verify every artifact in ``folder``; writes verify.json there. Raises GateFailed when a gate fails."""
@@ -80,6 +91,7 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
     manifest = read_manifest(folder)
     golden_dir = Path(golden_dir) if golden_dir else folder.parent / "golden"
     golden = load_golden(golden_dir)
+    check_same_teacher(folder, manifest, golden_dir, golden.meta)
     out_dim = manifest["outputs"][0]["shape"][-1]
     if out_dim != golden.image_embeddings.shape[1]:
         raise InputError(f"{folder} outputs {out_dim}-d embeddings but the golden set in {golden_dir} has "
@@ -99,6 +111,7 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
         emb = runner(x)
         seconds = time.time() - t0
         metrics = compute_metrics(emb, golden)
+        metrics.update(accelerator_metrics(manifest.get("ops")))
         image_embeddings = emb if image_embeddings is None else image_embeddings
         if text is not None:
             metrics.update(text["metrics"])
@@ -154,7 +167,9 @@ def verify(folder: str | Path, golden_dir: str | Path | None = None, gates: list
         value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
         more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
         raise GateFailed(f"{manifest.get('target')}/{r['artifact']}: gate {g['gate']} failed: {g['metric']} = {value}, "
-                         f"threshold {g['threshold']:g}{more}", hint=f"details in {folder / 'verify.json'}")
+                         f"threshold {g['threshold']:g}{more}"
+                         + (first_unmapped(manifest.get("ops")) if g["metric"] == "mapped_share" else ""),
+                         hint=f"details in {folder / 'verify.json'}")
     return report
 
 
@@ -220,23 +235,14 @@ def verify_logits(folder: Path, art: dict, manifest: dict, x: np.ndarray, image_
     return {"artifact": art["path"], "runtime": art["runtime"], "metrics": metrics, "seconds": round(time.time() - t0, 2)}
 
 
-def junit_gate_case(classname: str, target: str, artifact: str, gate: dict, seconds: float, indent: str = "  ") -> str:
-    """One JUnit test case for one gate of one artifact (a <failure> with value and threshold when it failed)."""
-    name = escape(f"{target}/{artifact}: {gate['gate']}", {'"': "&quot;"})
-    head = f'{indent}<testcase classname="{classname}" name="{name}" time="{seconds}"'
-    if gate["passed"]:
-        return head + "/>"
-    msg = escape(f"{gate['metric']} = {gate['value']}, threshold {gate['threshold']}", {'"': "&quot;"})
-    return head + f'><failure message="{msg}"/></testcase>'
-
-
 def to_junit(report: dict) -> str:
-    cases = [junit_gate_case("edgec.verify", report["target"], r["artifact"], g, r["seconds"])
+    """One <testsuite> with a case per gate of each artifact (edgec.verify.junit)."""
+    from .junit import Suite, gate_case, testsuite_xml
+
+    cases = [gate_case("edgec.verify", report["target"], r["artifact"], g, r["seconds"])
              for r in report["results"] for g in r["gates"]]
-    failures = sum(not g["passed"] for r in report["results"] for g in r["gates"])
-    head = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="edgec verify {escape(str(report["target"]))}" '
-            f'tests="{len(cases)}" failures="{failures}">')
-    return "\n".join([head, *cases, "</testsuite>"]) + "\n"
+    props = {"target": str(report["target"]), "golden_device": str(report.get("golden_device", ""))}
+    return testsuite_xml(Suite(f"edgec verify {report['target']}", cases, properties=props))
 
 
 def to_markdown(report: dict) -> str:
