@@ -6,6 +6,7 @@ did-you-mean), so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,16 @@ from .verify.gates import parse_gate
 
 CONFIG_VERSION = 1
 DEFAULT_CONFIG = "edgec.toml"
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
+
+
+def check_device(value: str, key: str = "device") -> str:
+    """auto, cpu, mps, cuda or cuda:N; anything else is refused here rather than deep inside torch."""
+    if not _DEVICE.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a device", hint="use auto, cpu, cuda or cuda:N (or mps)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,8 @@ class DistillSection:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (or mps), got {self.device!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
         if not 1 <= self.teacher_views <= 64:

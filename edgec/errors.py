@@ -86,6 +86,7 @@ _OS_HINTS = {
     errno.EACCES: "check the permissions, or pass --out to a writable folder",
     errno.EPERM: "check the permissions, or pass --out to a writable folder",
     errno.ENOENT: "check the path",
+    errno.EEXIST: "a file is in the way of a folder edgec needs: move it or choose another path",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
     errno.EISDIR: "a folder is where a file is expected",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n)",

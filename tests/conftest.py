@@ -157,3 +157,17 @@ def expected_choice(selection: dict) -> str:
         if c["median_ms"] < best["median_ms"] * (1 - selection["tie_margin"]):
             best = c
     return best["precision"]
+
+
+@pytest.fixture(scope="session")
+def torch_free_venv(tmp_path_factory) -> Path:
+    """A venv with the base install of this checkout (no extras, so no torch), built once per session;
+    returns its bin/ folder. pip takes the base dependencies from its cache or the package index."""
+    venv = tmp_path_factory.mktemp("torch-free") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    install = subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], capture_output=True, text=True,
+                             timeout=1200)
+    assert install.returncode == 0, install.stderr[-2000:]
+    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0, "torch got installed"
+    return venv / "bin"
