@@ -101,9 +101,15 @@ def test_edgetpu_fully_integer_tflite_and_compatibility_report(project):
     assert first is not None and first["reasons"] and ops["mapped_in_one_subgraph"] == first["index"]
     assert 0 < ops["mapped_share"] < 1
     assert ops["edgetpu_compiler"]["ran"] is False and "not on PATH" in ops["edgetpu_compiler"]["reason"]
-    verify = runner.invoke(app, ["verify", str(folder), "--json"])
-    assert verify.exit_code == 0, verify.output
-    assert json.loads(verify.stdout)["results"][0]["metrics"]["agreement"] >= 0.95
+    # ... and the mapped-share gate (>= 95 % of ops in the TPU's one subgraph) fails it, naming that op and layer
+    verify = runner.invoke(app, ["verify", str(folder)])
+    assert verify.exit_code == 1, verify.output
+    (line,) = [ln for ln in verify.stderr.splitlines() if ln.strip()]
+    assert "gate mapped_share>=0.95 failed" in line and f"#{first['index']} {first['op']}" in line
+    assert first["layer"] and f"in layer {first['layer']}" in line and "Traceback" not in verify.output
+    result = json.loads((folder / "verify.json").read_text())["results"][0]
+    assert result["metrics"]["mapped_share"] == ops["mapped_share"] and result["metrics"]["agreement"] >= 0.95
+    assert [g["passed"] for g in result["gates"]] == [True, True, False]
 
 
 @pytest.mark.slow

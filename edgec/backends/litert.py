@@ -162,7 +162,8 @@ def op_report(path: Path, *, supported: frozenset[str] | None = None, max_rank: 
     total = len(ops)
     mapped = first_off if first_off is not None else total
     return {"ops": ops, "total": total, "float_ops": float_ops, "first_unsupported": ops[first_off] if first_off is not None else None,
-            "mapped_in_one_subgraph": mapped, "mapped_share": round(mapped / total, 4) if total else 0.0}
+            "mapped_in_one_subgraph": mapped, "mapped_share": round(mapped / total, 4) if total else 0.0,
+            "accelerator_ops_checked": supported is not None}
 
 
 def run_edgetpu_compiler(path: Path, out_dir: Path) -> dict | None:

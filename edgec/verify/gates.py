@@ -21,6 +21,7 @@ METRICS = (
     "artifacts_agreement",  # zero-shot top-1 with image and text embeddings both from the artifacts, vs the teacher
     "logits_agreement",  # the zero-shot (logits) artifact's top-1 vs the image artifact's embeddings + head files
     "logits_teacher_agreement",
+    "mapped_share",  # share of the shipped model's ops in one accelerator subgraph (targets with an op list: edgetpu)
 )
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([a-z][a-z0-9_]*(?:@\d+)?)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")

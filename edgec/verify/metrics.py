@@ -40,3 +40,27 @@ def recall_at_k(image_emb: np.ndarray, caption_emb: np.ndarray, owner: np.ndarra
     order = np.argsort(-sims, axis=1, kind="stable")[:, : max(ks)]
     hits = owner[order] == np.arange(len(image_emb))[:, None]
     return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def accelerator_metrics(ops: dict | None) -> dict[str, float]:
+    """``mapped_share``: the share of the shipped model's ops that run on the accelerator in one subgraph
+    (edgetpu_compiler's own count when it ran, else edgec's check against the documented op list). Only
+    for targets whose op report was checked against an accelerator's op list."""
+    if not ops or not ops.get("accelerator_ops_checked"):
+        return {}
+    compiled = ops.get("edgetpu_compiler") or {}
+    on_tpu, on_cpu = compiled.get("on_edgetpu"), compiled.get("on_cpu")
+    if isinstance(on_tpu, int) and isinstance(on_cpu, int) and on_tpu + on_cpu:
+        return {"mapped_share": on_tpu / (on_tpu + on_cpu)}
+    return {"mapped_share": float(ops["mapped_share"])}
+
+
+def first_unmapped(ops: dict | None) -> str:
+    """The first op that leaves the accelerator and the PyTorch layer it comes from, for a failed mapped_share gate."""
+    first = (ops or {}).get("first_unsupported")
+    if not first:
+        return ""
+    layer = f" in layer {first['layer']}" if first.get("layer") else " (layer not recorded in the model)"
+    why = f" ({'; '.join(first['reasons'])})" if first.get("reasons") else ""
+    return (f"; first op off the accelerator: #{first['index']} {first['op']}{layer}{why}, it and every op after it "
+            f"run on the CPU")
