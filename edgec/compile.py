@@ -161,6 +161,10 @@ def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: b
     backend = get_backend(target.backend)
     src = load_image_source(config.teacher, config.source, config.student)
     teacher, encoder, preprocess, model_name = src.teacher, src.encoder, src.preprocess, src.name
+    if "text" in config.towers:  # asked for: a model that cannot give it is refused before anything is built
+        from .models.text_export import check_text_tower
+
+        check_text_tower(teacher)
     sources = {**src.sources, "calibration": None, "config": config.config_sha256}
     if preprocess.layout != target.layout:
         preprocess = dataclasses.replace(preprocess, layout=target.layout)

@@ -117,6 +117,14 @@ def _unsupported(model: MultimodalModel, why: str) -> InputError:
                       hint="compile the image tower only (--towers image) and keep text embeddings from the head files")
 
 
+def check_text_tower(model: MultimodalModel) -> None:
+    """Refuse, before anything is built, a text tower the user asked for (``--towers image,text``) that this
+    model cannot give: no text tower, no tokenizer, or no export rule for its pooling."""
+    text_export_module(model)
+    if model.tokenizer is None:
+        raise _unsupported(model, "it has no tokenizer (" + "; ".join(model.notes) + ")")
+
+
 def text_export_module(model: MultimodalModel, *, normalize: bool = True) -> tuple[nn.Module, dict]:
     """The teacher's text tower as an export-ready module taking int32 ids (N, context_length), and a
     record of how it pools (for the manifest). Output: the text embedding, L2-normalised when ``normalize``."""

@@ -109,3 +109,19 @@ def test_text_tower_converts_to_litert_with_int32_ids(kind, request, tmp_path, t
     got = open_runner(tmp_path / "text.tflite", "litert")(ids.astype(np.int32))
     np.testing.assert_allclose(got, model.encode_text(torch.from_numpy(ids)).numpy(), atol=1e-5)
     assert rec["inputs"][0]["dtype"] == "int32"
+
+
+def test_text_tower_asked_for_without_tokenizer_is_refused(tmp_path, shapes_data, tiny_hf_siglip):
+    """--towers image,text on a model without tokenizer files: exit 2 naming the cause, before anything is built."""
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+    from tests.verify.test_verify import write_project
+
+    config = write_project(tmp_path, shapes_data, teacher=tiny_hf_siglip)
+    result = CliRunner().invoke(app, ["compile", "--config", str(config), "--target", "cpu", "--no-distill",
+                                      "--no-progress", "--towers", "image,text"])
+    assert result.exit_code == 2, result.output
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: ") and "no tokenizer" in line and "Traceback" not in result.output
+    assert not (tmp_path / "build" / "cpu").exists()
