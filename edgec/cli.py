@@ -897,6 +897,8 @@ def report_cmd(
 @_command("doctor")
 def doctor_cmd(as_json: JsonOpt = False) -> None:
     """Installed compilers and runtimes, which targets can be built and verified here, what to install."""
+    from rich.markup import escape
+
     from .doctor import diagnose
 
     info = diagnose()
@@ -905,7 +907,7 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
         return
     table = Table("package", "version", "for")
     for p in info["packages"]:
-        table.add_row(p["package"], p["version"] or "[dim]not installed[/dim]", p["for"])
+        table.add_row(p["package"], p["version"] or f"[dim]not installed: {escape(p['install'])}[/dim]", p["for"])
     out.print(table)
     for t in info["tools"]:
         out.print(f"{t['tool']}: {t['path'] or 'not on PATH'} ({t['for']})", markup=False)
@@ -915,9 +917,9 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
               f"onnxruntime int8 kernels: {isa['int8_kernels']}", markup=False)
     table = Table("target", "build", "verify", "to install")
     for t in info["targets"]:
-        need = sorted(set(t["missing_for_build"]) | set(t["missing_for_verify"]))
+        need = "; ".join(t.get("install") or []) or ", ".join(sorted(set(t["missing_for_build"]) | set(t["missing_for_verify"])))
         table.add_row(t["target"], "yes" if t["can_build"] else "no", "yes" if t["can_verify"] else "no",
-                      ", ".join(need) or (t["note"] or "-"))
+                      escape(need or (t["note"] or "-")))
     out.print(table)
     for note in info["notes"]:
         out.print(f"note: {note}", markup=False)

@@ -39,6 +39,31 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _extras() -> dict[str, str]:
+    """Distribution name -> the pip command that brings it: edgec's base install or one of its extras
+    (from the installed edgec's metadata; empty when edgec is not installed as a distribution)."""
+    import re
+    from importlib.metadata import requires
+
+    try:
+        reqs = requires("edgec") or []
+    except PackageNotFoundError:
+        return {}
+    out: dict[str, str] = {}
+    for req in reqs:
+        name = re.split(r"[\s\[<>=!~;(]", req, maxsplit=1)[0].lower().replace("_", "-")
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)[\"']", req)
+        out.setdefault(name, f"pip install 'edgec[{extra.group(1)}]'" if extra else "pip install edgec")
+    return out
+
+
+def install_command(module: str) -> str:
+    """What to run to get the Python module ``module``: edgec's pip extra when one carries it."""
+    dist, hint = next(((d, h) for m, d, _, h in PACKAGES if m == module), (module, module))
+    extras = _extras()
+    return extras.get(dist.lower()) or (f"pip install {hint}" if " " not in hint or hint.startswith("'") else hint)
+
+
 def _version(dist: str) -> str | None:
     try:
         return version(dist)
@@ -49,8 +74,8 @@ def _version(dist: str) -> str | None:
 def diagnose() -> dict:
     from .backends import MODULES, get
 
-    packages = [{"module": m, "package": d, "version": _version(d) if _installed(m) else None, "for": why, "install": how}
-                for m, d, why, how in PACKAGES]
+    packages = [{"module": m, "package": d, "version": _version(d) if _installed(m) else None, "for": why,
+                 "install": install_command(m)} for m, d, why, how in PACKAGES]
     tools = [{"tool": t, "path": shutil.which(t), "for": why} for t, why in TOOLS]
     targets = []
     for name, entry in registry.entries("targets").items():
@@ -73,7 +98,10 @@ def diagnose() -> dict:
         targets.append({"target": name, "backend": spec.backend, "runtime": spec.runtime, "can_build": not missing_build,
                         "missing_for_build": missing_build, "can_verify": runtime_ok,
                         "missing_for_verify": [] if runtime_ok else options, "note": verify_note,
-                        "install": None if not missing_build else f"pip install {record.install}"})
+                        "install": sorted({install_command(m) for m in missing_build
+                                           if not m.startswith("backend ")}
+                                          | ({install_command(options[0].split("+")[0])} if not runtime_ok and options
+                                             else set()))})
     cuda = None
     if _installed("torch"):
         import torch

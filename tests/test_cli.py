@@ -154,3 +154,20 @@ def test_doctor_reports_the_toolchain():
     assert cpu["can_build"] and cpu["can_verify"] and not cpu["missing_for_build"]
     table = runner.invoke(app, ["doctor"])
     assert table.exit_code == 0 and "onnxruntime" in table.stdout and "cpu" in table.stdout
+
+
+def test_doctor_names_the_pip_extra_to_install(monkeypatch):
+    import json
+
+    import edgec.doctor as doctor
+
+    monkeypatch.setattr(doctor, "_installed", lambda m: m not in ("torch", "onnxruntime"))
+    info = doctor.diagnose()
+    cpu = next(t for t in info["targets"] if t["target"] == "cpu")
+    assert not cpu["can_build"] and "pip install 'edgec[compile]'" in cpu["install"]
+    assert not cpu["can_verify"] and "pip install edgec" in cpu["install"]  # onnxruntime is in the base install
+    torch_row = next(p for p in info["packages"] if p["module"] == "torch")
+    assert torch_row["install"] == "pip install 'edgec[compile]'"
+    result = runner.invoke(app, ["doctor"])
+    assert "pip install 'edgec[compile]'" in result.stdout and "torch" in result.stdout
+    json.dumps(info)
