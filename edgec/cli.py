@@ -96,7 +96,13 @@ def _emit_json(data: Any) -> None:
 
 def _logger(quiet: bool):
     """Progress lines for the console, silenced when the command's output is JSON."""
-    return (lambda *_: None) if quiet else (lambda text: out.print(text, markup=False))
+    from .progress import saw_output
+
+    def log(text: str) -> None:
+        out.print(text, markup=False)
+        saw_output()
+
+    return (lambda *_: None) if quiet else log
 
 
 def log_path() -> Path:
@@ -225,16 +231,20 @@ def _unexpected(exc: BaseException) -> str:
             f"edgec{where}; --traceback shows it)")
 
 
-def _guarded(fn):
+def _guarded(fn, name: str | None = None):
     """Every error of ``fn`` as one line on stderr (JSON too with --json) and its exit code: an
     :class:`EdgecError` with its own code, what the system refused (no space, read-only folder,
     permissions) and anything unexpected with 2. --traceback adds the traceback, not another code."""
 
     @functools.wraps(fn)
     def wrapper(*a: Any, **kw: Any):
+        from .progress import heartbeat, phase
+
         as_json = bool(kw.get("as_json"))
-        try:
-            return fn(*a, **kw)
+        try:  # a step that runs long without output says which phase runs and for how long
+            with heartbeat(lambda text: out.print(text, markup=False), enabled=not as_json), \
+                    phase(f"edgec {name or fn.__name__.removesuffix('_cmd')}"):
+                return fn(*a, **kw)
         except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
         except EdgecError as exc:
@@ -254,7 +264,7 @@ def _guarded(fn):
 
 def _command(*args: Any, target: typer.Typer = app, **kwargs: Any):
     """Register a command whose errors are handled by :func:`_guarded`."""
-    return lambda fn: target.command(*args, **kwargs)(_guarded(fn))
+    return lambda fn: target.command(*args, **kwargs)(_guarded(fn, args[0] if args else None))
 
 
 def _version(value: bool) -> None:
@@ -949,6 +959,35 @@ def targets_cmd(as_json: JsonOpt = False) -> None:
     table = Table("target", "backend", "precisions", "runtime", "description")
     for r in rows:
         table.add_row(r["name"], r["backend"], ",".join(r["precisions"]), r["runtime"], r["description"])
+    out.print(table)
+
+
+@_command("students")
+def students_cmd(
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Only the families that reach this target.")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", min=16, max=1024, help="Image side for params and MACs "
+                                                "(default: [student] image_size of edgec.toml when set, else 224).")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Supported student families: params and MACs at the configured size, and the targets each reaches."""
+    from .models.students import describe_families
+
+    if size is None:
+        from .config import DEFAULT_CONFIG, load_config
+
+        if config is not None or Path(DEFAULT_CONFIG).is_file():
+            size = load_config(config).student.image_size
+        size = size or 224
+    rows = describe_families(size, target=target)
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("family", "model", "params", f"MACs @{size}", "sizes", "targets", "not on")
+    for r in rows:
+        table.add_row(r["family"], r["model"], _fmt_count(r["params"]), _fmt_count(r["macs"]), r["sizes"],
+                      ", ".join(t for t, ok in r["targets"].items() if ok),
+                      "; ".join(f"{t}: {why}" for t, why in r["not_on"].items()) or "-")
     out.print(table)
 
 

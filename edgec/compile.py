@@ -25,6 +25,7 @@ from .errors import EdgecError, InputError
 from .lock import DECISIONS_FILE
 from .manifest import (atomic_write_bytes, atomic_write_json, atomic_write_text, file_record, package_versions,
                        read_json, sha256_file, sha256_json, staged_dir)
+from .progress import phase
 from .quantize.calibration import CalibrationSpec
 
 SCHEMA = 1
@@ -187,10 +188,13 @@ def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: b
     with staged_dir(config.out) as tmp:
         work = tmp / ".candidates"
         work.mkdir()
-        built = backend.build(encoder.eval(), shape, spec=target, work=work, quantize=quantize, options=options, log=blog)
+        with phase(f"{config.target}: export, calibrate, quantize, lower ({target.backend})"):
+            built = backend.build(encoder.eval(), shape, spec=target, work=work, quantize=quantize, options=options,
+                                  log=blog)
         sources["calibration"] = built.calibration_sha256
         gates = list(config.gates) or list(target.gates)
-        selection = _select(built.candidates, target, gates, config, preprocess, log, lockfile)
+        with phase(f"{config.target}: measure and verify the candidates ({', '.join(built.candidates)})"):
+            selection = _select(built.candidates, target, gates, config, preprocess, log, lockfile)
         chosen = built.candidates[selection["chosen"]]
         shipped = tmp / chosen.name
         for f in backend.artifact_files(chosen):
@@ -220,8 +224,9 @@ def run(config: CompileConfig, *, log=print, force: bool = False, cached_only: b
         if "text" in config.towers:
             from .towers import text_tower
 
-            towers["text"] = text_tower(config.target, teacher, target, backend, tmp,
-                                        _check_texts(labels, config.prompts, head_folder), blog)
+            with phase(f"{config.target}: export and check the text tower"):
+                towers["text"] = text_tower(config.target, teacher, target, backend, tmp,
+                                            _check_texts(labels, config.prompts, head_folder), blog)
             if towers["text"]["built"]:
                 artifacts.append(towers["text"].pop("record"))
         if config.head == "zero-shot":
@@ -521,18 +526,22 @@ def check_device(manifest: dict, folder: Path, device_name: str) -> list[str]:
 
 
 def ensure_golden(cfg: EdgecConfig, target: str, log=print, *, needed: bool = False) -> Path:
-    """``<build>/golden``, computed first when ``target`` picks its precision against it (or ``needed``: a
-    quantize tolerance measures against it) and it is missing."""
+    """``<build>/golden``, computed first when it is missing and [data] eval is set, for every target ('edgec
+    verify' needs it next); without eval data, refused when ``target`` picks its precision against it (or
+    ``needed``: a quantize tolerance measures against it)."""
     golden = cfg.resolve(cfg.targets.out) / "golden"
     spec = registry.get("targets", target).spec
     picks = spec.select == "fastest-passing" and len(spec.precisions) > 1
-    if (picks or needed) and not (golden / "golden.json").is_file():
+    if not (golden / "golden.json").is_file():  # every target: 'edgec verify' needs it next
         if cfg.data.eval is None:
+            if not (picks or needed):
+                return golden
             raise InputError(f"target {target} measures its candidates against the golden set, which needs [data] eval")
         from .verify.golden import GoldenConfig, build_golden
 
         log(f"{target}: no golden set yet; computing it first")
-        build_golden(GoldenConfig.from_edgec(cfg, out=golden), log=log)
+        with phase("golden: the teacher's outputs on the eval set"):
+            build_golden(GoldenConfig.from_edgec(cfg, out=golden), log=log)
     return golden
 
 
