@@ -53,6 +53,59 @@ def _read(folder: Path) -> dict:
     return entry
 
 
+def plot_limits(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Axes for agreement vs latency: x from 0 past the slowest point, y from at most 0.9 (lower when an
+    artifact is lower) to 1, so a single target near 1.0 is not blown up into a meaningless range."""
+    x_hi = max(xs) * 1.25 if xs and max(xs) > 0 else 1.0
+    y_lo = min([0.9, *(y - 0.02 for y in ys if y == y)])
+    return 0.0, x_hi, max(0.0, y_lo)
+
+
+def _failed(row: dict) -> str:
+    """The gates an artifact failed, with the values: what a FAIL cell says."""
+    failed = [g for g in row.get("gates", []) if not g.get("passed")]
+    if not failed:
+        return "gate failed"
+    return "; ".join(f"{g['gate']} ({g['metric']} = {g['value']:.4f})" if isinstance(g.get("value"), (int, float))
+                     else str(g["gate"]) for g in failed)
+
+
+def _where(bench: dict | None) -> str:
+    """Where a latency was measured: this host with the runtime that ran, never the device's figure."""
+    if bench is None:
+        return "<span class='muted'>(host, eager PyTorch)</span>"
+    ran = bench.get("measured_with") or bench.get("runtime", "?")
+    target = bench.get("target_runtime") or bench.get("runtime")
+    note = f", not {target}" if target and target != ran else ""
+    return f"<span class='muted'>(host, {html.escape(str(ran))}{html.escape(note)})</span>"
+
+
+def _stage_plots(entries: list[dict]) -> list[tuple[str, str, Path]]:
+    """The learning curve of each target's student and the layer sensitivity of its backend, when the
+    build folder still has them (distill/<student>/learning_curve.png, quantize/<backend>/sensitivity.png)."""
+    plots, seen = [], set()
+    for e in entries:
+        folder, m = Path(e["folder"]), e["manifest"]
+        build = folder.parent
+        student_sha = (m.get("sources") or {}).get("student")
+        for d in sorted((build / "distill").glob("*/")) if student_sha else []:
+            meta = d / "student" / "edgec_student.json"
+            curve = d / "learning_curve.png"
+            try:
+                same = json.loads(meta.read_text()).get("weights_sha256") == student_sha
+            except (OSError, ValueError):
+                same = False
+            if same and curve.is_file() and curve not in seen:
+                seen.add(curve)
+                plots.append((f"Learning curve: {d.name} (student of {m['target']})", "learning curve", curve))
+        backend = (m.get("build") or {}).get("backend")
+        sens = build / "quantize" / str(backend) / "sensitivity.png"
+        if backend and sens.is_file() and sens not in seen:
+            seen.add(sens)
+            plots.append((f"Layer sensitivity: {backend} (edgec quantize)", "layer sensitivity", sens))
+    return plots
+
+
 def build_report(folders: list[Path], out: Path, golden_dir: Path | None = None) -> Path:
     require_module("matplotlib", install="matplotlib", purpose="the HTML report's plots")
     import matplotlib
@@ -77,34 +130,44 @@ def build_report(folders: list[Path], out: Path, golden_dir: Path | None = None)
              f"<p class='muted'>Teacher {html.escape(golden.meta['teacher']['name'])}; golden outputs on "
              f"{html.escape(golden.meta['device'])}, {len(golden.images)} eval images, {len(labels)} classes.</p>",
              "<h2>Targets</h2><table><tr><th>target / artifact</th><th>model</th><th>precision</th><th>agreement</th>"
-             "<th>accuracy</th><th>cosine mean</th><th>cosine p1</th><th>latency ms (median)</th><th>MB</th><th>gates</th></tr>"]
+             "<th>accuracy</th><th>cosine mean</th><th>cosine p1</th><th>latency ms (median; where measured)</th><th>MB</th>"
+             "<th>gates</th></tr>"]
     teacher_acc = next((r["metrics"].get("teacher_accuracy") for r in rows if "teacher_accuracy" in r["metrics"]), None)
     if teacher_acc is not None:
-        lat = f"{teacher_bench['median_ms']:.2f}" if teacher_bench else "-"
+        lat = f"{teacher_bench['median_ms']:.2f} {_where(None)}" if teacher_bench else "-"
         parts.append(f"<tr><td>teacher (full precision)</td><td>{html.escape(golden.meta['teacher']['name'])}</td><td>fp32</td>"
                      f"<td>1.0000</td><td>{teacher_acc:.4f}</td><td>1.0000</td><td>1.0000</td><td>{lat}</td><td>-</td><td></td></tr>")
     for r in rows:
         m = r["metrics"]
-        ok = "<span class='pass'>pass</span>" if r["passed"] else "<span class='fail'>FAIL</span>"
-        lat = f"{r['bench']['median_ms']:.2f}" if r["bench"] else "-"
+        ok = "<span class='pass'>pass</span>" if r["passed"] else f"<span class='fail'>FAIL: {html.escape(_failed(r))}</span>"
+        lat = f"{r['bench']['median_ms']:.2f} {_where(r['bench'])}" if r["bench"] else "-"
         parts.append(f"<tr><td>{html.escape(r['target'])} / {html.escape(r['artifact'])}</td><td>{html.escape(r['model'])}</td>"
                      f"<td>{r['precision']}</td><td>{m.get('agreement', float('nan')):.4f}</td>"
                      f"<td>{m.get('accuracy', float('nan')):.4f}</td><td>{m['cosine_mean']:.4f}</td><td>{m['cosine_p1']:.4f}</td>"
                      f"<td>{lat}</td><td>{r['bytes'] / 1e6:.2f}</td><td>{ok}</td></tr>")
     parts.append("</table>")
 
-    # accuracy vs latency (marker area ~ size)
+    # agreement vs latency (marker area ~ size); fixed axes so one target does not autoscale to noise
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for r in rows:
-        x = r["bench"]["median_ms"] if r["bench"] else None
-        y = r["metrics"].get("agreement", r["metrics"]["cosine_mean"])
-        if x is not None:
-            ax.scatter(x, y, s=30 + r["bytes"] / 1e5, alpha=0.7)
-            ax.annotate(f"{r['target']}/{r['precision']}", (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    points = [(r["bench"]["median_ms"], r["metrics"].get("agreement", r["metrics"]["cosine_mean"]), r)
+              for r in rows if r["bench"]]
+    for x, y, r in points:
+        ax.scatter(x, y, s=30 + r["bytes"] / 1e5, alpha=0.7)
+        ax.annotate(f"{r['target']}/{r['precision']}", (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    xs = [x for x, _, _ in points] + ([teacher_bench["median_ms"]] if teacher_bench else [])
+    ys = [y for _, y, _ in points]
     if teacher_bench:
-        ax.scatter(teacher_bench["median_ms"], 1.0, marker="*", s=160, color="black")
-        ax.annotate("teacher (eager)", (teacher_bench["median_ms"], 1.0), fontsize=8, xytext=(4, -10), textcoords="offset points")
-    ax.set_xlabel("latency, median ms (batch 1)")
+        ax.scatter(teacher_bench["median_ms"], 1.0, marker="*", s=160, color="black", zorder=3)
+        ax.annotate("teacher (eager, host)", (teacher_bench["median_ms"], 1.0), fontsize=8, xytext=(4, -10),
+                    textcoords="offset points")
+    else:  # the teacher agrees with itself: the line every artifact is measured against
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.annotate("teacher (agreement 1.0)", (0, 1.0), xycoords=("axes fraction", "data"), fontsize=8,
+                    xytext=(4, -10), textcoords="offset points")
+    x_lo, x_hi, y_lo = plot_limits(xs, ys)
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, 1.005)
+    ax.set_xlabel("latency, median ms (batch 1, measured on this host)")
     ax.set_ylabel("zero-shot agreement with teacher")
     ax.set_title("agreement vs latency (marker area ~ artifact size)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -112,6 +175,10 @@ def build_report(folders: list[Path], out: Path, golden_dir: Path | None = None)
     plt.close(fig)
     if not any(r["bench"] for r in rows):
         parts.append("<p class='muted'>No bench.json yet: run 'edgec bench DIR' for latencies.</p>")
+
+    for title, alt, path in _stage_plots(entries):
+        parts.append(f"<h2>{html.escape(title)}</h2><p class='muted'>{html.escape(str(path))}</p>"
+                     f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>")
 
     # per-class agreement
     if labels and all("pred" in r["per_image"] for r in rows):
