@@ -393,6 +393,11 @@ def verify_bundle(bundle: str | Path, *, gates: list[str] | None = None, threads
             from .phone import check_phone
 
             phone = check_phone(root, record, log=log)
+            bad = [p for p in phone if p.get("passed") is False]
+            if bad and failed is None:
+                failed = GateFailed(f"{record['target']}/{bad[0]['artifact']}: the bundled {bad[0]['kind']} check failed "
+                                    f"on {len(bad[0]['failed_cases'])} of {bad[0]['cases']} golden inputs (max abs "
+                                    f"diff {bad[0]['max_abs_diff']:.3g})")
     machine = machine_identity()
     if executed_on is None:  # the machine that wrote the bundle is the host; any other one is a device
         executed_on = "host" if machine["hostname"] == record["host"]["machine"].get("hostname") else "device"

@@ -124,3 +124,12 @@ def tflite_build(device_build) -> Path:
                                  "--config", str(config)])
     assert result.exit_code == 0, result.output
     return device_build
+
+
+@pytest.fixture(scope="session")
+def pte_build(device_build) -> Path:
+    """The same project compiled for android (ExecuTorch .pte, XNNPACK)."""
+    config = device_build.parent / "edgec.toml"
+    result = runner.invoke(app, ["compile", "--target", "android", "--no-distill", "--no-progress", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    return device_build
