@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 EXAMPLE := examples/shapes-clip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-quantize teacher clean
+.PHONY: install demo test bench bench-quantize bench-distill teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ bench: $(STAMP)
 bench-quantize: $(STAMP)
 	$(BIN)/python $(EXAMPLE)/make_data.py
 	cd $(EXAMPLE) && ../../$(BIN)/edgec quantize --compare --no-progress --benchmarks ../../BENCHMARKS.md
+
+# Distillation's data path at dataset scale: synthetic 224-px JPEG sets of 2k and 20k images (generated
+# under /tmp, as a folder and as WebDataset shards) through the teacher cache and training steps: peak RSS,
+# images/s, the loader's share; replaces the distill-scale section of BENCHMARKS.md (~40 min on 2 busy cores).
+# BENCH_DISTILL_ARGS="--sizes 200 --max-steps 3" for a smoke run.
+BENCH_DISTILL_ARGS ?=
+bench-distill: $(STAMP)
+	$(BIN)/python -m edgec.benchmarks.distill --out BENCHMARKS.md $(BENCH_DISTILL_ARGS)
 
 # Rebuild the example teacher from scratch (data + training); see examples/shapes-clip/README.md.
 teacher: $(STAMP)

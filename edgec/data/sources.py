@@ -185,7 +185,7 @@ def decode_rgb(src: Path | bytes, name: str, preprocess: Preprocess,
         w, h = img.size
         img = img.crop((round(x0 * w), round(y0 * h), max(round(x0 * w) + 1, round(x1 * w)),
                         max(round(y0 * h) + 1, round(y1 * h))))
-    out = np.asarray(preprocess.resize_image(img), np.uint8)
+    out = np.array(preprocess.resize_image(img), np.uint8)  # a writable copy (torch.from_numpy needs one)
     if box is not None and box[4]:
         out = np.ascontiguousarray(out[:, ::-1])
     return out

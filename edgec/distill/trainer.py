@@ -248,6 +248,9 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
         steps_per_epoch = min(steps_per_epoch, max_steps)
     total_steps = steps_per_epoch * params.epochs
     warmup = min(total_steps - 1, round(params.warmup_epochs * steps_per_epoch))
+    if params.warmup_epochs >= params.epochs and dist.main:
+        log(f"note: distill.warmup_epochs = {params.warmup_epochs:g} covers the whole {params.epochs}-epoch run: the "
+            f"learning rate only ramps up to {params.lr:g} and never settles; train more epochs or lower warmup_epochs")
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -293,12 +296,13 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
             sampler.set_epoch(epoch)
             # randomness depends only on (seed, epoch[, rank]): a resumed run repeats it.
             gen.manual_seed((params.seed * 1_000_003 + epoch) * 1009 + dist.rank)
-            t_epoch, seen, running, parts_sum, waited = time.time(), 0, 0.0, {}, 0.0
+            t_epoch, seen, running, parts_sum, waited, step_times = time.time(), 0, 0.0, {}, 0.0, []
             batches = iter(loader)
             for step in range(steps_per_epoch):
-                t_wait = time.perf_counter()
+                t_step = time.perf_counter()
                 codes, pixels = next(batches)
-                waited += time.perf_counter() - t_wait
+                if step:  # the first batch also waits for the workers to start
+                    waited += time.perf_counter() - t_step
                 idx, draws, view = sampler.steps[step]
                 if not np.array_equal(codes.numpy(), idx * views + view):
                     raise RuntimeError("the data loader returned a batch out of order")
@@ -329,13 +333,15 @@ def train(spec: StudentSpec, params: DistillSection, train_split: Split, eval_sp
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
                 seen += len(idx) * dist.world
+                step_times.append(time.perf_counter() - t_step)
                 if bar is not None:
                     bar.update(1, loss=running / (step + 1), ips=seen / max(1e-9, time.time() - t_epoch), epoch=epoch + 1)
             del batches
             row = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
                    **{f"loss_{k}": v / steps_per_epoch for k, v in parts_sum.items()},
                    "lr": opt.param_groups[0]["lr"], "images_per_s": seen / (time.time() - t_epoch),
-                   "loader_wait_share": waited / max(1e-9, time.time() - t_epoch), "seconds": time.time() - t_start}
+                   "loader_wait_share": waited / max(1e-9, sum(step_times[1:])),
+                   "step_seconds_median": float(np.median(step_times)), "seconds": time.time() - t_start}
             metrics = evaluate(core, norm, eval_split, class_text, device, evals) if eval_split is not None else {}
             row.update(metrics)
             history.append(row)
@@ -402,12 +408,18 @@ class _Bar:
 
         self.progress = Progress(
             TextColumn("distill epoch {task.fields[epoch]}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+            TextColumn("{task.fields[loss_text]}"), TextColumn("{task.fields[ips_text]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-        self.task = self.progress.add_task("distill", total=total, completed=done, loss=float("nan"), ips=0.0, epoch=1)
+        # before the first step there is no loss or speed yet: say so instead of "loss nan 0 img/s"
+        self.task = self.progress.add_task("distill", total=total, completed=done, loss_text="loss -",
+                                           ips_text="first step...", epoch=1)
         self.progress.start()
 
-    def update(self, n: int, **fields) -> None:
+    def update(self, n: int, *, loss: float | None = None, ips: float | None = None, **fields) -> None:
+        if loss is not None:
+            fields["loss_text"] = f"loss {loss:.4f}"
+        if ips is not None:
+            fields["ips_text"] = f"{ips:.0f} img/s"
         self.progress.update(self.task, advance=n, **fields)
 
     def log(self, text: str) -> None:
