@@ -345,3 +345,53 @@ def test_a_changed_golden_setting_rebuilds_the_golden_set(built, tmp_path, shape
     assert result.exit_code == 0, result.output
     assert stages(build)["golden golden"] == "ran"
     assert json.loads((build / "golden" / "golden.json").read_text())["max_bad_fraction"] == 0.2
+
+
+def _jetson(build: Path) -> dict:
+    return json.loads((build / "jetson" / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_tolerance_in_edgec_toml_changes_what_release_ships_and_the_lock_keeps_it(built, tmp_path, shapes_data):
+    """jetson ships int8 whatever the timings: a tolerance below the all-int8 loss keeps layers in float, and that
+    program is what the target folder holds; edgec.lock then rebuilds it without searching, and --locked refuses
+    a release that would change it."""
+    config, build = copy_project(built, tmp_path, shapes_data, extra="[quantize]\ntolerance = 0.5\nmax_fallback = 32")
+    result = release(config, "--targets", "jetson")
+    assert result.exit_code == 0, result.output
+    loose = _jetson(build)
+    q = loose["quantization"]
+    assert q["shipped"] and q["float_layers"] == [] and q["search"]["met"] and q["method"] == "minmax"
+    int8_loss = q["search"]["int8_loss"]
+    assert int8_loss > 0
+
+    write_config(tmp_path, shapes_data, build, extra=f"[quantize]\ntolerance = {int8_loss / 3!r}\nmax_fallback = 32")
+    result = release(config, "--targets", "jetson")
+    assert result.exit_code == 0, result.output
+    assert stages(build)["quantize jetson"] == "ran" and stages(build)["compile jetson"] == "ran"
+    tight = _jetson(build)
+    q = tight["quantization"]
+    assert q["float_layers"] and all(la["gain"] is not None for la in q["float_layers"])
+    assert q["search"]["loss"] <= int8_loss / 3 < q["search"]["int8_loss"]
+    assert q["search"]["cosine_mean"] > q["search"]["int8_cosine_mean"]  # closer to the float model
+    assert q["cost"]["bytes"] > 0  # float weights cost size; recorded with the latency cost
+    assert tight["artifacts"][0]["sha256"] != loose["artifacts"][0]["sha256"]
+    rel = json.loads((build / "release.json").read_text())
+    assert rel["targets"]["jetson"]["quantization"]["float_layers"] == [la["name"] for la in q["float_layers"]]
+    lock = (tmp_path / "edgec.lock").read_text()
+    assert "[targets.jetson.float_layers]" in lock and q["float_layers"][0]["name"] in lock
+
+    # clean build: the lock's float layers are reused (no search), the same bytes ship
+    shutil.rmtree(build / "jetson")
+    shutil.rmtree(build / "quantized")
+    result = release(config, "--targets", "jetson", "--locked")
+    assert result.exit_code == 0, result.output
+    assert "from the lock file (no search)" in result.stdout and "sensitivity" not in result.stdout
+    assert _jetson(build)["artifacts"][0]["sha256"] == tight["artifacts"][0]["sha256"]
+    assert _jetson(build)["quantization"]["search"]["decided_by"] == "lock"
+
+    # a changed tolerance would change the lock: --locked refuses, --reselect decides again
+    write_config(tmp_path, shapes_data, build, extra=f"[quantize]\ntolerance = {int8_loss / 2!r}\nmax_fallback = 32")
+    result = release(config, "--targets", "jetson", "--locked")
+    assert result.exit_code == 2 and "--reselect" in result.stderr
+    assert (tmp_path / "edgec.lock").read_text() == lock
