@@ -27,6 +27,15 @@ from ..schema import to_dict
 SCHEMA = 1
 
 
+def resolve_data(cfg: EdgecConfig, spec: str | None) -> Path | None:
+    """A [data] path relative to edgec.toml; each part of a ``::``-joined shard list on its own."""
+    if spec is None:
+        return None
+    if "::" in spec:
+        return Path("::".join(str(cfg.resolve(part)) for part in spec.split("::") if part))
+    return cfg.resolve(spec)
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: ModelSection
@@ -56,8 +65,9 @@ class DistillConfig:
         if teacher.arch and teacher.arch.endswith(".json"):
             teacher = dataclasses.replace(teacher, arch=str(cfg.resolve(teacher.arch)))
         params = dataclasses.replace(cfg.distill, **{k: v for k, v in overrides.items() if v is not None})
-        return cls(teacher=teacher, train=cfg.resolve(cfg.data.train), out=out or build / "distill" / name, student=name,
-                   image_size=cfg.student.image_size, eval=cfg.resolve(cfg.data.eval), prompts=tuple(cfg.data.prompts),
+        return cls(teacher=teacher, train=resolve_data(cfg, cfg.data.train), out=out or build / "distill" / name,
+                   student=name, image_size=cfg.student.image_size, eval=resolve_data(cfg, cfg.data.eval),
+                   prompts=tuple(cfg.data.prompts),
                    captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, params=params,
                    augment=params.augment, cache=build / "cache")
 

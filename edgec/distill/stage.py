@@ -44,33 +44,28 @@ class StudentStage:
         return self.status in ("cached", "adopted")
 
 
-def tree_sha(path: Path, memo: dict | None = None) -> str:
-    """sha256_tree, computed once per path within ``memo`` (release hashes the train folder once)."""
-    key = str(Path(path).resolve())
+def tree_sha(path: Path, memo: dict | None = None, captions_file: str = "captions.jsonl") -> str:
+    """The identity of a data set, computed once per path within ``memo`` (release hashes the train folder
+    once): a folder's sha256_tree; for shard patterns, shard lists and listing files, the hash of the
+    shards or listed files (see :meth:`edgec.data.sources.Source.identity`)."""
+    from ..data.shards import is_shard_spec
+
+    key = str(path) if is_shard_spec(path) or not Path(path).exists() else str(Path(path).resolve())
     if memo is not None and key in memo:
         return memo[key]
-    value = sha256_tree(path)
+    if not is_shard_spec(path) and Path(path).is_dir():
+        value = sha256_tree(path)
+    else:
+        from ..data.sources import open_source
+
+        value = open_source(path, captions_file).identity()
     if memo is not None:
         memo[key] = value
     return value
 
 
 def data_sha(spec, captions_file: str = "captions.jsonl", memo: dict | None = None) -> str:
-    """The identity of a training or eval set: a folder's tree hash (see :func:`tree_sha`), or the
-    hash of the shards or listed files it names."""
-    from ..data.shards import is_shard_spec
-
-    if not is_shard_spec(spec) and Path(spec).is_dir():
-        return tree_sha(Path(spec), memo)
-    from ..data.sources import open_source
-
-    key = f"source:{spec}"
-    if memo is not None and key in memo:
-        return memo[key]
-    value = open_source(spec, captions_file).identity()
-    if memo is not None:
-        memo[key] = value
-    return value
+    return tree_sha(spec, memo, captions_file)
 
 
 NOT_IN_KEY = ("workers",)  # settings that cannot change the trained weights

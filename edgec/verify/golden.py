@@ -51,7 +51,9 @@ class GoldenConfig:
 
         if cfg.model is None or cfg.data.eval is None:
             raise InputError("the golden set needs [model] path and [data] eval in edgec.toml", hint="add them, see 'edgec init'")
-        return cls(teacher=dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=cfg.resolve(cfg.data.eval),
+        from ..distill import resolve_data
+
+        return cls(teacher=dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path))), eval=resolve_data(cfg, cfg.data.eval),
                    out=out or cfg.resolve(cfg.targets.out) / "golden", prompts=tuple(cfg.data.prompts),
                    captions_file=cfg.data.captions, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
 
@@ -140,6 +142,12 @@ def build_golden(config: GoldenConfig, *, log=print, workers: int | None = None)
             if has_captions and with_text:
                 arrays["caption_embeddings"] = teacher.encode_text([c for cs in captions for c in cs]).numpy().astype(np.float16)
                 arrays["caption_owner"] = np.asarray([i for i, cs in enumerate(captions) for _ in cs], np.int32)
+        for name, arr in arrays.items():  # a golden set of NaN would make every gate meaningless
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InputError(f"the teacher's {name.replace('_', ' ')} on {source.name} hold NaN or inf "
+                                 f"({int((~np.isfinite(arr)).sum())} values)",
+                                 hint="the model overflows on these inputs (float16 weights?) or is corrupt; check it "
+                                      "with 'edgec inspect'")
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(tmp / GOLDEN_NPZ, buf.getvalue())

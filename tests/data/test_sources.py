@@ -168,3 +168,16 @@ def test_views_are_the_same_crop_at_every_resolution(tmp_path):
     big = decode_rgb(None, "x", Preprocess(size=(32, 32), resize="bilinear"), box, image=img)
     down = np.asarray(Image.fromarray(big).resize((16, 16), Image.Resampling.BILINEAR), np.float32)
     assert np.abs(down - small.astype(np.float32)).mean() < 6  # same region (and flip) at both sizes
+
+
+def test_calibration_reads_shards_with_a_seeded_reservoir(tmp_path):
+    from edgec.quantize.calibration import CalibrationSpec, load_calibration
+
+    make_shards(tmp_path / "wds", n_shards=4, per_shard=5, bad={"000020003": b"broken"})
+    spec = CalibrationSpec(tmp_path / "wds", num_images=8, min_images=4, max_bad_fraction=0.2)
+    a, b = load_calibration(spec, PRE), load_calibration(spec, PRE)
+    assert a.images.shape[1:] == (8, 8, 3) and len(a) + len(a.skipped) == 8
+    assert a.sha256 == b.sha256 and [str(p) for p in a.paths] == [str(p) for p in b.paths]
+    other = load_calibration(CalibrationSpec(tmp_path / "wds", num_images=8, min_images=4, seed=3, max_bad_fraction=0.2), PRE)
+    assert other.sha256 != a.sha256
+    assert all(str(p).startswith("train-0000") for p in a.paths) and a.labels[0] in ("class0", "class1")
