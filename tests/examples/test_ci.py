@@ -155,6 +155,16 @@ def release_workspace(tmp_path_factory, tiny_edgec, shapes_data):
         result = runner.invoke(app, [*argv, "--config", str(root / "edgec.toml")])
         assert result.exit_code == 0, result.output
     assert (root / "build" / "jetson" / "tokenizer").is_dir() and (root / "build" / "golden" / "golden.npz").is_file()
+    doc = yaml.safe_load((CI / "github-actions.yml").read_text())  # the release job's bundle step, as written
+    step = next(s for s in doc["jobs"]["release"]["steps"] if s.get("name") == "Verification bundle for the device")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for argv in _edgec_calls(step["run"].splitlines()):
+            result = runner.invoke(app, argv)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(cwd)
     return root
 
 
@@ -174,6 +184,7 @@ def test_on_device_job_passes_on_the_uploaded_files_without_torch(kind, release_
     files = uploaded_files(release_workspace, kind)
     rel = {str(f.relative_to(release_workspace)) for f in files}
     assert "build/golden/golden.npz" in rel and "build/jetson/tokenizer/vocab.json" in rel, sorted(rel)
+    assert "build/jetson.bundle.tar.gz" in rel, sorted(rel)  # what the device job verifies
     assert not any(r.startswith(("build/cache/", "build/quantize")) for r in rel), sorted(rel)
     device = _download(release_workspace, files, tmp_path / "device")
     env = {**os.environ, "PATH": f"{torch_free_venv}{os.pathsep}{os.environ['PATH']}", "EDGEC_LOG": str(tmp_path / "log")}
@@ -185,11 +196,11 @@ def test_on_device_job_passes_on_the_uploaded_files_without_torch(kind, release_
 
 
 @pytest.mark.slow
-def test_the_simulation_fails_when_the_upload_misses_the_golden_set(release_workspace, torch_free_venv, tmp_path):
-    """What the job did before: the golden set's golden.npz was not uploaded, and verify refused (exit 2)."""
-    files = {f for f in uploaded_files(release_workspace, "github") if f.name != "golden.npz"}
+def test_the_simulation_fails_when_the_upload_misses_the_bundle(release_workspace, torch_free_venv, tmp_path):
+    """The device job needs the bundle the release job writes: without it verify refuses (exit 2, one line)."""
+    files = {f for f in uploaded_files(release_workspace, "github") if not f.name.endswith(".bundle.tar.gz")}
     device = _download(release_workspace, files, tmp_path / "device")
     env = {**os.environ, "PATH": f"{torch_free_venv}{os.pathsep}{os.environ['PATH']}", "EDGEC_LOG": str(tmp_path / "log")}
     proc = subprocess.run(["bash", "-c", "set -eu\n" + "\n".join(device_steps("github"))], cwd=device, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "golden" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "jetson.bundle.tar.gz" in proc.stderr, proc.stderr
