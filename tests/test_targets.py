@@ -70,10 +70,18 @@ def test_jetson_qdq_onnx_with_trtexec_recipe(project):
 
     ops = [n.op_type for n in onnx.load(str(folder / "model.int8.onnx")).graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    assert manifest["isa"]["int8_form"]["weight_bits"] == 8  # TensorRT accumulates in int32: full 8-bit weights
     verify = runner.invoke(app, ["verify", str(folder), "--json"])
     assert verify.exit_code == 0, verify.output
-    m = json.loads(verify.stdout)["results"][0]["metrics"]
+    report = json.loads(verify.stdout)
+    result = report["results"][0]
+    m = result["metrics"]
     assert m["agreement"] >= 0.97 and m["cosine_mean"] > 0.99
+    # no TensorRT here: the gated figure is the Q/DQ graph as written (ISA-independent); the host's fused int8
+    # kernels ran the same file beside it, labelled and not gated, with the ISA they ran on
+    assert "as written" in result["executed_by"] and report["host_isa"]["arch"]
+    host = result["host_kernels"]
+    assert "as written" not in host["executed_by"] and 0 < host["metrics"]["cosine_mean"] <= 1
 
 
 def test_device_of_another_target_is_refused(project):

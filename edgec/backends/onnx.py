@@ -61,9 +61,26 @@ def to_fp16(fp32: Path, out: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    _topological_sort(model.graph)  # the converter appends its input casts after the nodes that read them
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
     return out
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError("the fp16 graph has a cycle or an input nothing produces")
+        for n in ready:
+            known.update(n.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 class QdqProgram:
@@ -71,7 +88,7 @@ class QdqProgram:
     uint8 ones for onnxruntime) with ranges measured once; layers are its Conv/MatMul/Gemm nodes."""
 
     def __init__(self, fp32: Path, calib, *, method: str, percentile: float, activations: str,
-                 trt_version: int = 100300, reduce_range: bool = False) -> None:
+                 trt_version: int = 100300, reduce_range: bool = False, runtime: str = "onnxruntime") -> None:
         import tempfile
 
         from ..quantize.onnx_qdq import QdqQuantizer
@@ -84,6 +101,7 @@ class QdqProgram:
                             f"{'int8' if activations == 'symmetric' else 'uint8'} activations ({method} ranges)"
                             + ("; 7-bit weights" if reduce_range else ""))
         self._tmp = tempfile.TemporaryDirectory(prefix="edgec-qdq-")
+        self.runtime = runtime  # a TensorRT program is measured with Q/DQ as written, not this host's int8 kernels
 
     def write(self, out: Path, keep_float=frozenset(), only=None) -> dict[str, str]:
         q = self.qdq.quantize(out, exclude_nodes=tuple(sorted(keep_float)), only=only)
@@ -94,7 +112,7 @@ class QdqProgram:
 
         path = Path(self._tmp.name) / "candidate.onnx"
         self.write(path, keep_float, only)
-        return OnnxRunner(path)
+        return OnnxRunner(path, runtime=self.runtime)
 
 
 ACTIVATIONS = {"qdq-symmetric": "symmetric", "qdq-asymmetric": "asymmetric"}
@@ -139,7 +157,7 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
         def program(calib, method, percentile):
             return QdqProgram(fp32, calib, method=method, percentile=percentile, activations=activations,
                               trt_version=int(options.get("trt_version", 100300)),
-                              reduce_range=built.int8_form["weight_bits"] == 7)
+                              reduce_range=built.int8_form["weight_bits"] == 7, runtime=spec.runtime)
 
         res = quantize(program, work / "model.int8.onnx")
         for name, text in res.files.items():

@@ -64,6 +64,21 @@ def test_device_profiles_name_their_isa():
     assert target_isa(None, None) is None
 
 
+def test_int8_form_per_runtime_and_cpu():
+    pytest.importorskip("torch")
+    from edgec import registry
+    from edgec.backends.onnx import int8_form
+
+    cpu, jetson = registry.get("targets", "cpu").spec, registry.get("targets", "jetson").spec
+    avx2 = target_isa(["avx2", "fma"], "x86_64")
+    vnni = target_isa(["avx2", "avx512_vnni"], "x86_64")
+    arm = target_isa(["asimd", "asimddp"], "aarch64")
+    assert int8_form(jetson, None)["weight_bits"] == 8  # TensorRT accumulates in int32
+    assert int8_form(cpu, None)["weight_bits"] == 7  # unknown CPU: exact on any
+    assert int8_form(cpu, avx2)["weight_bits"] == 7
+    assert int8_form(cpu, vnni)["weight_bits"] == 8 and int8_form(cpu, arm)["weight_bits"] == 8
+
+
 # --- Q/DQ models: 7-bit weights, and the reference that executes Q/DQ as written ---------------------------------
 
 torch = pytest.importorskip("torch")

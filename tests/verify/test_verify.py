@@ -86,6 +86,8 @@ def test_compile_writes_the_manifest_contract(built):
     assert text.dtype == np.float16 and text.shape == (24, 256)
     assert manifest["sources"]["teacher"] and manifest["gates"] == ["agreement>=0.97", "cosine_mean>=0.95"]
     assert not list(build.glob(".*partial"))
+    isa = manifest["isa"]  # where the selection's figures were measured, and the int8 form: no device, exact on any CPU
+    assert isa["build_host"]["arch"] and isa["target"] is None and isa["int8_form"]["weight_bits"] == 7
 
 
 def test_verify_passes_and_writes_reports(built, tmp_path, monkeypatch):
