@@ -983,12 +983,19 @@ def students_cmd(
     if as_json:
         _emit_json(rows)
         return
-    table = Table("family", "model", "params", f"MACs @{size}", "sizes", "targets", "not on")
+    table = Table("family", "model", "params", f"MACs @{size}px", "image sides", "targets")
     for r in rows:
-        table.add_row(r["family"], r["model"], _fmt_count(r["params"]), _fmt_count(r["macs"]), r["sizes"],
-                      ", ".join(t for t, ok in r["targets"].items() if ok),
-                      "; ".join(f"{t}: {why}" for t, why in r["not_on"].items()) or "-")
+        table.add_row(r["family"], r["model"], _fmt_count(r["params"]), _fmt_count(r["macs"]), r["sizes_short"],
+                      ", ".join(t for t, ok in r["targets"].items() if ok))
     out.print(table)
+    for r in rows:
+        for t, why in r["not_on"].items():
+            if t not in r["untested"]:
+                out.print(f"{r['family']}: not {t}: {why}", markup=False)
+    untested = sorted({t for r in rows for t in r["untested"]})
+    if untested:
+        out.print(f"not tested for any family here: {', '.join(untested)} (their backends' student exports are not in "
+                  "the support matrix)", markup=False)
 
 
 @devices_app.callback()

@@ -84,10 +84,10 @@ def family_of(name: str) -> StudentFamily | None:
 def reachable(family: StudentFamily, target_spec) -> tuple[bool, str | None]:
     """Whether ``family`` can be compiled for a target (its backend, and for accelerators with an op list, whether
     every op maps), and why not."""
-    if target_spec.backend not in family.backends:
-        return False, family.not_on.get(target_spec.backend, f"no {target_spec.backend} export is tested for it")
     if target_spec.constraints.supported_ops and not family.edgetpu:
         return False, family.not_on.get("edgetpu", "not every op is on the accelerator's op list")
+    if target_spec.backend not in family.backends:
+        return False, family.not_on.get(target_spec.backend, f"no {target_spec.backend} export is tested for it")
     return True, None
 
 
@@ -143,6 +143,7 @@ def describe_families(size: int = 224, *, target: str | None = None, log=None) -
     reaches it (and why not). ``target``: only the families that reach it."""
     from .. import registry
     from ..data.preprocess import Preprocess
+    from ..progress import phase
     from .base import count_macs
     from .student import StudentSpec, create_student
 
@@ -156,15 +157,20 @@ def describe_families(size: int = 224, *, target: str | None = None, log=None) -
             continue
         name = family.models[0]
         if log:
-            log(name)
+            log(f"{name} at {size} px")
         row = {"family": family.name, "model": name, "models": list(family.models), "description": family.description,
                "size": size, "sizes": family.sizes_text(), "backends": list(family.backends),
                "targets": {t: ok for t, (ok, _) in reach.items()},
-               "not_on": {t: why for t, (ok, why) in reach.items() if not ok}}
+               "not_on": {t: why for t, (ok, why) in reach.items() if not ok},
+               "untested": sorted(t for t, spec in targets.items() if spec.backend not in family.backends
+                                  and spec.backend not in family.not_on),
+               "sizes_short": f"any >= {family.min_size}" if family.size_multiple == 1 else
+               f"x{family.size_multiple}, >= {max(family.min_size, family.size_multiple)}"}
         if family.supports_size((size, size)):
-            student = create_student(StudentSpec(name, 512, Preprocess(size=(size, size))), seed=0).eval()
-            row["params"] = sum(p.numel() for p in student.backbone.parameters())
-            row["macs"] = count_macs(student.backbone, torch.zeros(1, 3, size, size))
+            with phase(f"students: {name} at {size} px (params and MACs)"):
+                student = create_student(StudentSpec(name, 512, Preprocess(size=(size, size))), seed=0).eval()
+                row["params"] = sum(p.numel() for p in student.backbone.parameters())
+                row["macs"] = count_macs(student.backbone, torch.zeros(1, 3, size, size))
         else:
             row["params"] = row["macs"] = None
         rows.append(row)
