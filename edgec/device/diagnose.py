@@ -128,6 +128,10 @@ def diagnose(folder: str | Path, cfg, *, golden: str | Path | None = None, image
     if art is None:
         raise InputError(f"{folder} has no image artifact to diagnose")
     path = _checked(folder, art)
+    from ..backends.diagnose import TAPS
+
+    if art["format"] not in TAPS:  # before the float model is loaded
+        artifact_taps(path, art["format"], np.zeros(0, np.float32))
     gold = load_golden(Path(golden) if golden else folder.parent / "golden")
     pre = manifest["inputs"][0]["preprocess"]
     keep = stratified(gold.label_ids, images)
