@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 EXAMPLE := examples/shapes-clip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-quantize bench-distill teacher clean
+.PHONY: install demo test bench bench-quantize bench-distill bench-breadth teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench: $(STAMP)
 
 # Each backend's default int8 flow vs edgec's (every calibration method), same student and calibration
 # images, each artifact run in its runtime; replaces the quantization section of BENCHMARKS.md (make bench keeps it).
+# Real-size random-init teachers (open_clip ViT-B-16/B-32, CLIPConfig(), SiglipConfig(), open_clip RN50 and
+# convnext_tiny), built locally, through inspect, golden, compile --no-distill and verify for every target;
+# replaces the breadth section of BENCHMARKS.md (hours on 2 cores; BREADTH_ARGS='--models ... --targets ...').
+BREADTH_ARGS ?=
+bench-breadth: $(STAMP)
+	$(BIN)/python -m edgec.benchmarks.breadth --benchmarks BENCHMARKS.md $(BREADTH_ARGS)
+
 bench-quantize: $(STAMP)
 	$(BIN)/python $(EXAMPLE)/make_data.py
 	cd $(EXAMPLE) && ../../$(BIN)/edgec quantize --compare --no-progress --benchmarks ../../BENCHMARKS.md

@@ -1,0 +1,245 @@
+"""make bench-breadth: real-size random-init teachers through inspect, golden, compile --target all
+--no-distill and verify, as a user runs them (the edgec command line, exit codes and one-line errors
+as they come), into a BENCHMARKS.md table of model x target.
+
+Each model is built locally from its published architecture with random weights (no hub, no network;
+edgec.models.teachers). MACs: what ``edgec inspect`` prints for the image tower, beside an independent
+count read from the ONNX graph of that tower (Conv, MatMul and Gemm nodes with their inferred shapes).
+
+    python -m edgec.benchmarks.breadth [--models a,b] [--targets a,b] [--work DIR] [--benchmarks BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SECTION = "breadth"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "shapes-clip"
+# model -> (teacher family, real architecture override)
+MODELS = {
+    "open_clip ViT-B-16": ("open_clip-vit", "ViT-B-16"),
+    "open_clip ViT-B-32": ("open_clip-vit", "ViT-B-32"),
+    "HF CLIPConfig()": ("hf-clip", None),
+    "HF SiglipConfig()": ("hf-siglip", None),
+    "open_clip convnext_tiny": ("open_clip-convnext", None),
+    "open_clip RN50": ("open_clip-resnet", None),
+}
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def edgec(*args: str, cwd: Path | None = None, timeout: int = 7200) -> tuple[int, str, str, float]:
+    """Run the edgec CLI; (exit code, stdout, the last stderr line, seconds)."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    return proc.returncode, proc.stdout, lines[-1] if lines else "", time.time() - t0
+
+
+def onnx_macs(path: Path) -> int:
+    """Multiply-accumulates of an ONNX graph's Conv, MatMul and Gemm nodes, with the shapes their tensors take
+    when onnxruntime runs the graph once on zeros (every such tensor exposed as an output)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    g = model.graph
+    nodes = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    const = {t.name: list(t.dims) for t in g.initializer}
+    names = list(dict.fromkeys(x for n in nodes for x in (n.input[0], n.input[1], n.output[0]) if x not in const))
+    present = {o.name for o in g.output}
+    g.output.extend(onnx.ValueInfoProto(name=x) for x in names if x not in present)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        feeds[i.name] = np.zeros(shape, np.int64 if "int64" in i.type else np.int32 if "int32" in i.type else np.float32)
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    shape = {**const, **{k: list(v.shape) for k, v in outs.items()}}
+    total = 0
+    for n in nodes:
+        out = shape[n.output[0]]
+        if n.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(shape[n.input[1]][1:]))
+        else:
+            a = shape[n.input[0]]
+            trans_a = any(at.name == "transA" and at.i for at in n.attribute)
+            total += int(np.prod(out)) * int(a[-2] if trans_a else a[-1])
+    return total
+
+
+def write_config(folder: Path, model: Path, arch: str | None, data: Path) -> Path:
+    lines = ["[model]", f"path = {json.dumps(str(model))}"]
+    if arch:
+        lines.append(f"arch = {json.dumps(arch)}")
+    lines += ["[student]", 'targets = { edgetpu = "mobilenetv4_conv_small" }',
+              "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
+              "[calibration]", f"path = {json.dumps(str(data / 'train'))}", "num_images = 32",
+              "[targets]", 'build = ["cpu", "jetson", "edgetpu", "android-tflite", "android", "ios"]']
+    path = folder / "edgec.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bench_model(label: str, family: str, arch_override: str | None, work: Path, data: Path, targets: list[str]) -> dict:
+    import torch
+
+    from ..models import load_model
+    from ..models.teachers import FAMILIES, build_open_clip_vit
+
+    folder = work / label.replace(" ", "_").replace("(", "").replace(")", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"{label}: building the random-init real-size model")
+    if family == "open_clip-vit":
+        built = build_open_clip_vit(folder / "model", "real", real_arch=arch_override)
+    else:
+        built = FAMILIES[family].build(folder / "model", "real")
+    row: dict = {"model": label, "targets": {}}
+    args = [str(built.path)] + (["--arch", built.arch] if built.arch else [])
+    code, stdout, error, secs = edgec("inspect", *args, "--json")
+    log(f"{label}: inspect exit {code} ({secs:.0f} s) {error}")
+    if code != 0:
+        row["inspect"] = {"exit": code, "error": error}
+        return row
+    info = json.loads(stdout)
+    row["inspect"] = {"image_macs": info["towers"]["image"]["macs"], "image_params": info["towers"]["image"]["params"],
+                      "embedding_dim": info["embedding_dim"], "input": info["towers"]["image"]["input"]["shape"]}
+    # independent count: the image tower's own ONNX graph
+    from ..backends.onnx import export
+
+    model = load_model(built.path, arch=built.arch)
+    onnx_path = folder / "image_tower.onnx"
+    with torch.no_grad():
+        export(model.image_encoder, tuple(row["inspect"]["input"]), onnx_path, dynamic_batch=False)
+    row["inspect"]["onnx_macs"] = onnx_macs(onnx_path)
+    log(f"{label}: image MACs {row['inspect']['image_macs'] / 1e9:.3f} G (inspect) vs "
+        f"{row['inspect']['onnx_macs'] / 1e9:.3f} G (ONNX graph)")
+    del model
+    config = write_config(folder, built.path, built.arch, data)
+    code, _, error, secs = edgec("golden", "--config", str(config), cwd=folder)
+    log(f"{label}: golden exit {code} ({secs:.0f} s) {error}")
+    if code != 0:
+        row["golden"] = {"exit": code, "error": error}
+        return row
+    for target in targets:
+        code, stdout, error, secs = edgec("compile", "--config", str(config), "--target", target, "--no-distill",
+                                          "--no-progress", "--json", cwd=folder)
+        cell = {"compile_exit": code, "build_s": round(secs)}
+        if code != 0:
+            cell["error"] = error
+            log(f"{label} / {target}: compile exit {code} ({secs:.0f} s) {error}")
+            row["targets"][target] = cell
+            continue
+        out = folder / "build" / target
+        manifest = json.loads((out / "manifest.json").read_text())
+        image = next(a for a in manifest["artifacts"] if a.get("tower", "image") == "image")
+        cell.update({"artifact": image["path"], "mb": round(image["bytes"] / 1e6, 2)})
+        ops = manifest.get("ops") or {}
+        if ops.get("accelerator_ops_checked"):
+            cell["mapped_share"] = ops.get("mapped_share")
+            first = ops.get("first_unsupported") or {}
+            cell["first_unmapped"] = f"#{first.get('index')} {first.get('op')} in {first.get('layer')}" if first else None
+        deleg = (manifest.get("delegation") or {}).get("shipped") or {}
+        if deleg:
+            cell["delegated_share"] = deleg.get("delegated_share")
+        code, stdout, error, vsecs = edgec("verify", str(out), "--json", cwd=folder)
+        cell.update({"verify_exit": code, "verify_s": round(vsecs)})
+        try:
+            report = json.loads(stdout)
+            cell["cosine"] = report["results"][0]["metrics"]["cosine_mean"] if "results" in report else None
+        except (json.JSONDecodeError, KeyError, IndexError):
+            pass
+        if code != 0:
+            cell["error"] = error
+        log(f"{label} / {target}: compile {secs:.0f} s, {cell['mb']} MB, verify exit {code}, cosine "
+            f"{cell.get('cosine')} {error}")
+        row["targets"][target] = cell
+    return row
+
+
+def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
+    out = ["### Breadth: real-size teachers (random init), `compile --no-distill`, every target", "",
+           f"`make bench-breadth` on this machine ({threads}); every cell ran here: `compile` then `verify` (exit code "
+           "and the one error line when not 0). cosine: verify's cosine_mean to the eager teacher on the golden images. "
+           "Edge TPU: share of ops in the TPU's one subgraph (edgec's op-list check; gate >= 0.95). XNNPACK: share of "
+           "nodes delegated in the shipped .pte.", "",
+           "| model | image MACs (inspect / ONNX graph) | " + " | ".join(targets) + " |",
+           "|---|---|" + "---|" * len(targets)]
+    for r in rows:
+        ins = r.get("inspect", {})
+        if "image_macs" in ins:
+            macs = f"{ins['image_macs'] / 1e9:.2f} G / {ins['onnx_macs'] / 1e9:.2f} G"
+        else:
+            macs = f"inspect exit {ins.get('exit')}: {ins.get('error', '')}"
+        cells = []
+        for t in targets:
+            c = r["targets"].get(t)
+            if c is None:
+                cells.append("not run" if "golden" not in r else f"golden exit {r['golden']['exit']}")
+            elif c["compile_exit"] != 0:
+                cells.append(f"refused (exit {c['compile_exit']}, {c['build_s']} s): {c.get('error', '').removeprefix('error: ')}")
+            else:
+                parts = [("passed" if c["verify_exit"] == 0 else f"verify exit {c['verify_exit']}"),
+                         f"{c['build_s']} s", f"{c['mb']} MB"]
+                if c.get("cosine") is not None:
+                    parts.append(f"cos {c['cosine']:.4f}")
+                if "mapped_share" in c:
+                    parts.append(f"TPU {c['mapped_share']:.1%}" + (f" (first off: {c['first_unmapped']})" if c.get("first_unmapped") else ""))
+                if "delegated_share" in c:
+                    parts.append(f"XNNPACK {c['delegated_share']:.1%}")
+                if c["verify_exit"] != 0 and c.get("error"):
+                    parts.append(c["error"].removeprefix("error: "))
+                cells.append(", ".join(parts))
+        out.append(f"| {r['model']} | {macs} | " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="edgec on real-size teachers, every target")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    ap.add_argument("--targets", default="cpu,jetson,edgetpu,android-tflite,android,ios")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgec-bench-breadth"))
+    ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--fresh", action="store_true", help="remove the work folder first")
+    a = ap.parse_args(argv)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"error: unknown model {unknown[0]!r}; known: {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if a.fresh:
+        shutil.rmtree(a.work, ignore_errors=True)
+    data = a.work / "data"
+    if not (data / "eval").is_dir():
+        log("writing the example's shapes data (small eval and calibration splits)")
+        for split, scale in (("train", "0.02"), ("eval", "0.1")):
+            subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(data), "--splits", split,
+                            "--scale", scale], check=True, capture_output=True)
+    rows, results = [], a.work / "results.json"
+    for label in models:
+        family, arch = MODELS[label]
+        rows.append(bench_model(label, family, arch, a.work, data, targets))
+        results.write_text(json.dumps(rows, indent=2))
+        from ..quantize.compare import write_section
+
+        threads = f"{os.cpu_count()} cores, torch threads default"
+        write_section(a.benchmarks, SECTION, markdown(rows, targets, threads))
+        log(f"wrote {a.benchmarks} (section {SECTION}) and {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
