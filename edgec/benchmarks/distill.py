@@ -20,6 +20,7 @@ with the disk and time a 1M-image set needs for its teacher cache. Data lives un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -183,34 +184,23 @@ class PeakRSS:
         self._thread.join()
 
 
-def _in_memory_rate(spec, batch_size: int, steps: int, threads: int) -> list[float]:
-    """Seconds per step of the student's forward+backward+AdamW step on uint8 tensors already in memory."""
-    import torch
-    from torch.nn import functional as F
+class PooledImages:
+    """The in-memory reference: ``pool`` student-size images decoded once and held as tensors; row ``r``
+    gets image ``r % pool``. Same shapes and the same trainer as the DataLoader run, no decoding."""
 
-    from ..distill.trainer import Normalize
-    from ..models.student import create_student
+    def __init__(self, images, pool: int) -> None:
+        self.pool = [images[i * images.views][1] for i in range(pool)]
+        self.views = images.views
 
-    torch.manual_seed(0)
-    student = create_student(spec, seed=0).train()
-    norm = Normalize(spec.preprocess.mean, spec.preprocess.std)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    h, w = spec.preprocess.size
-    x = torch.randint(0, 255, (batch_size, 3, h, w), dtype=torch.uint8)
-    target = F.normalize(torch.randn(batch_size, spec.embed_dim), dim=-1)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = (1 - (F.normalize(student(norm(x)), dim=-1) * target).sum(-1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return times
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, code: int):
+        return int(code), self.pool[(int(code) // self.views) % len(self.pool)]
 
 
 def run_one(source_spec: str, work: Path, teacher_dir: Path, *, student: str, student_size: int, batch_size: int,
-            max_steps: int, workers: int, ref_steps: int) -> dict:
+            max_steps: int, workers: int) -> dict:
     """Both phases on one data set in this process; returns the measured figures."""
     import torch
 
@@ -238,24 +228,31 @@ def run_one(source_spec: str, work: Path, teacher_dir: Path, *, student: str, st
     spec = StudentSpec(student, teacher.embed_dim, teacher.preprocess.with_size(student_size))
     params = DistillSection(epochs=1, batch_size=batch_size, lr=1e-3, warmup_epochs=0.0, seed=0, device="cpu",
                             workers=workers, losses=LossWeights(feature_cosine=1.0, contrastive_text=0.5))
-    split = Split(rows, RowImages(source, rows.refs, rows.positions, spec.preprocess))
-    ref_before = _in_memory_rate(spec, batch_size, ref_steps, threads)
+    images = RowImages(source, rows.refs, rows.positions, spec.preprocess)
+    class_text = torch.from_numpy(rows.class_text) if rows.class_text is not None else None
+
+    def step_seconds(split, p, out: Path) -> dict:
+        result = train(spec, p, split, None, class_text, logit_scale=teacher.logit_scale, out=out, augment_mode="none",
+                       progress=False, log=lambda *_: None, max_steps=max_steps)
+        return result.history[-1]
+
+    # the same trainer on tensors already in memory (no loader workers), before and after the DataLoader run
+    pooled = Split(rows, PooledImages(images, min(len(rows), 4 * batch_size)))
+    in_memory = [step_seconds(pooled, dataclasses.replace(params, workers=0), work / "mem-a")]
     with PeakRSS() as mem_train:
         t = time.perf_counter()
-        result = train(spec, params, split, None, torch.from_numpy(rows.class_text) if rows.class_text is not None else None,
-                       logit_scale=teacher.logit_scale, out=work / "train", augment_mode="none", progress=False,
-                       log=lambda *_: None, max_steps=max_steps)
+        row = step_seconds(Split(rows, images), params, work / "train")
         train_s = time.perf_counter() - t
-    ref_after = _in_memory_rate(spec, batch_size, ref_steps, threads)
-    row = result.history[-1]
-    ref = statistics.median(ref_before[1:] + ref_after[1:])
-    train_rate = batch_size / row["step_seconds_median"]
+    in_memory.append(step_seconds(pooled, dataclasses.replace(params, workers=0), work / "mem-b"))
+    ref = statistics.median(r["step_seconds_median"] for r in in_memory)
     return {"images": n, "cache_seconds": cache_s, "cache_images_per_s": n / cache_s, "cache_bytes": cache_bytes,
             "cache_rss_main": mem_cache.main, "cache_rss_tree": mem_cache.tree,
-            "train_steps": max_steps, "train_seconds": train_s, "train_images_per_s": train_rate,
+            "train_steps": max_steps, "train_seconds": train_s,
+            "train_images_per_s": batch_size / row["step_seconds_median"],
             "train_epoch_images_per_s": row["images_per_s"],
             "loader_wait_share": row["loader_wait_share"], "train_rss_main": mem_train.main,
-            "train_rss_tree": mem_train.tree, "in_memory_images_per_s": batch_size / ref, "threads": threads,
+            "train_rss_tree": mem_train.tree, "in_memory_images_per_s": batch_size / ref,
+            "in_memory_runs": [batch_size / r["step_seconds_median"] for r in in_memory], "threads": threads,
             "workers": workers, "batch_size": batch_size, "student": student}
 
 
@@ -294,9 +291,10 @@ def table(results: list[dict], teacher_rate: dict | None, meta: dict) -> str:
         f"Synthetic {SIDE}-px JPEG sets, as an image folder (captions.jsonl) and as WebDataset shards of "
         f"{PER_SHARD}; teacher: a random-weight {SIDE}-px CLIP ({meta['teacher']}); student: `{meta['student']}` at "
         f"{meta['student_size']} px, batch {meta['batch_size']}, {meta['max_steps']} training steps of the epoch "
-        f"(train img/s: batch / median step time, loader wait included; in-memory: the same student's "
-        f"forward+backward+AdamW step on tensors in memory, median of steps before and after training; loader wait "
-        f"share: time blocked on the next batch after the first, over step time); "
+        f"(train img/s: batch / median step time, loader wait included; in-memory: the same trainer and "
+        f"student on {4}x{meta['batch_size']} images decoded once and held as tensors, no loader workers, run before "
+        f"and after the DataLoader run (median); loader wait share: time blocked on the next batch after the "
+        f"first, over step time); "
         f"{meta['workers']} loader worker(s), {meta['threads']} torch threads, {meta['cpus']} CPU cores "
         f"(shared with other work while measured). Peak RSS: main process / main + loader workers summed "
         f"(shared pages counted once per process).",
@@ -358,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", default="mobilevit_xxs")
     ap.add_argument("--student-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--ref-steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the main process (1: stable on a busy machine)")
     ap.add_argument("--data", type=Path, default=Path("/tmp/edgec-bench-distill"))
     ap.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to write the section into")
@@ -380,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data / f"folder-{size}", args.data / f"shards-{size}")
         r = run_one(spec, args.data / f"work-{form}-{size}", teacher, student=args.student,
                     student_size=args.student_size, batch_size=args.batch_size,
-                    max_steps=args.max_steps, workers=workers, ref_steps=args.ref_steps)
+                    max_steps=args.max_steps, workers=workers)
         args.result.write_text(json.dumps({**r, "form": form}))
         return 0
     results = []
@@ -392,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             res = args.data / f"result-{form}-{size}.json"
             cmd = [sys.executable, "-m", "edgec.benchmarks.distill", "--one", f"{form}:{size}", "--result", str(res),
                    "--data", str(args.data), "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
-                   "--student", args.student, "--student-size", str(args.student_size), "--workers", str(workers), "--ref-steps", str(args.ref_steps),
+                   "--student", args.student, "--student-size", str(args.student_size), "--workers", str(workers),
                    "--threads", str(args.threads)]
             subprocess.run(cmd, check=True)
             r = json.loads(res.read_text())
