@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_OK, EdgecError, from_os_error
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EdgecError, InputError, from_os_error
 
 class _OneLineErrors(TyperGroup):
     """Click's usage errors (unknown command or option, bad or missing value) as one line on stderr
@@ -716,14 +716,15 @@ def release_cmd(
 ) -> None:
     """golden, distill, compile and verify every target, reusing each stage whose inputs are unchanged;
     writes build/release.json, release.junit.xml and release.md. Exit 1 when a gate fails."""
-    from .config import DEFAULT_CONFIG
+    from .config import DEFAULT_CONFIG, load_config
     from .release import ReleaseConfig, run
 
     names = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else ()
-    if trust_pickle:
-        from .config import load_config
-
-        _trust(True, load_config(config))
+    cfg = load_config(config)
+    if cfg.model is not None and not cfg.resolve(cfg.model.path).exists():  # before any stage hashes it
+        raise InputError(f"model not found: {cfg.resolve(cfg.model.path)} ([model] path in {config or DEFAULT_CONFIG})",
+                         hint="give an edgec checkpoint folder, a Hugging Face folder, or an open_clip checkpoint file")
+    _trust(trust_pickle, cfg)
     result = run(ReleaseConfig(config=Path(config or DEFAULT_CONFIG), targets=names, wait=wait,
                                progress=progress and not as_json, reselect=reselect, locked=locked), log=_logger(as_json))
     if as_json:

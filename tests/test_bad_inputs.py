@@ -476,7 +476,7 @@ CASES = [
     # --- models
     Case("model-missing", _argv("inspect", "{dir}/no-such-model"), needle="not found"),
     Case("model-missing-via-golden", _cfg(GOLDEN, model={"path": "/nonexistent/teacher"}), needle="not found"),
-    Case("model-missing-via-release", _release_missing_model, needle="no-such-model"),
+    Case("model-missing-via-release", _release_missing_model, needle="model not found"),
     Case("model-empty-folder", lambda c: ["inspect", str(c.folder("empty", {"README": b"hi"}))]),
     Case("model-random-file", lambda c: ["inspect", str(c.folder("m", {"model.bin": os.urandom(256)}) / "model.bin")]),
     Case("model-truncated-safetensors", lambda c: ["inspect", str(_truncated_teacher(c)), "--no-macs"]),
