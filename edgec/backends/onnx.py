@@ -93,13 +93,17 @@ class QdqProgram:
 
         from ..quantize.onnx_qdq import QdqQuantizer
 
+        # the asymmetric form is onnxruntime's: int8 chains through SiLU, residual adds and data movement, attention
+        # and normalisation in float (onnx_qdq.chain_plan); TensorRT's symmetric form fuses by itself: weighted ops only
         self.qdq = QdqQuantizer(fp32, calib, method=method, percentile=percentile, trt_version=trt_version,
-                                activations=activations, reduce_range=reduce_range)
+                                activations=activations, reduce_range=reduce_range,
+                                int8_chains=activations == "asymmetric")
         self.layers = self.qdq.layers
         self.calibration_sha256, self.calibration_images = calib.sha256, len(calib)
         self.description = (f"ONNX Q/DQ, per-channel int8 weights, {activations} "
                             f"{'int8' if activations == 'symmetric' else 'uint8'} activations ({method} ranges)"
-                            + ("; 7-bit weights" if reduce_range else ""))
+                            + ("; 7-bit weights" if reduce_range else "")
+                            + ("; int8 through SiLU, residual adds and data movement" if activations == "asymmetric" else ""))
         self._tmp = tempfile.TemporaryDirectory(prefix="edgec-qdq-")
         self.runtime = runtime  # a TensorRT program is measured with Q/DQ as written, not this host's int8 kernels
 

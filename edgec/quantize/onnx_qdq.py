@@ -23,6 +23,43 @@ from .ranges import collect_ranges, tensorrt_cache
 
 DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
 ACTIVATIONS = ("symmetric", "asymmetric")
+# onnxruntime runs these in int8 between the weighted layers (QLinearSigmoid/Mul/Add, int8 Transpose/Reshape...),
+# so a chain conv -> SiLU -> conv needs no DequantizeLinear/QuantizeLinear pair between every op (see chain_plan)
+DATA_MOVEMENT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Split", "GlobalAveragePool", "MaxPool")
+CHAIN_OP_TYPES = (*DEFAULT_OP_TYPES, "Sigmoid", "Mul", "Add", *DATA_MOVEMENT)
+
+
+def chain_plan(model) -> tuple[tuple[str, ...], list[str]]:
+    """Op types and nodes kept out of int8 for onnxruntime's int8 chains (the ``int8_chains`` form).
+
+    Quantized: weighted layers, data movement, SiLU written as ``x * sigmoid(x)`` (a QLinearSigmoid and a
+    QLinearMul instead of a float island with a Q/DQ pair on each side) and residual adds of two activations.
+    Kept float: matmuls of two activations (attention scores and values: their int8 form turns the softmax
+    between them into QLinearSoftmax, several times slower than the float one), softmax and LayerNorm, any Mul or
+    Sigmoid outside the SiLU pattern (GELU's pieces) and any Add with a constant input (biases)."""
+    inits = {i.name for i in model.graph.initializer}
+    consts = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    silu: set[str] = set()
+    for n in model.graph.node:
+        if n.op_type != "Sigmoid":
+            continue
+        x, y = n.input[0], n.output[0]
+        for m in consumers.get(y, []):
+            if m.op_type == "Mul" and set(m.input) == {x, y}:
+                silu.update((n.name, m.name))
+    exclude = []
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and not any(i in consts for i in n.input):
+            exclude.append(n.name)
+        elif n.op_type in ("Sigmoid", "Mul") and n.name not in silu:
+            exclude.append(n.name)
+        elif n.op_type == "Add" and any(i in consts for i in n.input):
+            exclude.append(n.name)
+    return CHAIN_OP_TYPES, exclude
 
 
 @dataclass
@@ -50,11 +87,12 @@ class QdqQuantizer:
 
     def __init__(self, fp32: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
                  op_types: tuple[str, ...] = DEFAULT_OP_TYPES, batch_size: int = 16, trt_version: int = 100300,
-                 activations: str = "symmetric", reduce_range: bool = False) -> None:
+                 activations: str = "symmetric", reduce_range: bool = False, int8_chains: bool = False) -> None:
         if activations not in ACTIVATIONS:
             raise InputError(f"unknown activation form {activations!r}", hint=f"one of {', '.join(ACTIVATIONS)}")
         self.activations = activations
         self.reduce_range = reduce_range  # 7-bit weights: exact in onnxruntime's x86 kernels without VNNI (runtime/isa.py)
+        self.int8_chains = int8_chains  # onnxruntime only: int8 through activations and data movement (chain_plan)
         onnx = require_module("onnx", install="onnx", purpose="ONNX quantization")
         ort = require_module("onnxruntime", install="onnxruntime", purpose="ONNX quantization")
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -80,6 +118,9 @@ class QdqQuantizer:
         def run_all(batch: np.ndarray) -> dict[str, np.ndarray]:
             return dict(zip(outputs, sess.run(outputs, {input_name: batch})))
 
+        self.always_float: list[str] = []
+        if int8_chains:
+            self.op_types, self.always_float = chain_plan(model)
         self.collector = collect_ranges(run_all, lambda: calib.batches(batch_size=batch_size))
         self.amax = self.collector.amax(method, percentile)
         self.bounds = self.collector.bounds(method, percentile)
@@ -87,7 +128,7 @@ class QdqQuantizer:
         inits = {i.name: i for i in model.graph.initializer}
         self.layers: list[dict] = []
         for node in model.graph.node:
-            if node.op_type in self.op_types:
+            if node.op_type in op_types and node.name not in self.always_float:
                 params = sum(int(np.prod(inits[i].dims)) for i in node.input if i in inits)
                 self.layers.append({"name": node.name, "op": node.op_type, "params": params})
 
@@ -102,6 +143,7 @@ class QdqQuantizer:
         names = [la["name"] for la in self.layers]
         if only is not None:
             exclude_nodes = tuple(n for n in names if n not in set(only))
+        exclude_nodes = (*exclude_nodes, *self.always_float)
         model = onnx.load_from_string(self.model_bytes)
         symmetric = self.activations == "symmetric"
         if symmetric:
@@ -126,7 +168,7 @@ class QdqQuantizer:
 def quantize_onnx(fp32: Path, out: Path, calib: CalibrationSet, *, method: str = "minmax", percentile: float = 99.999,
                   op_types: tuple[str, ...] = DEFAULT_OP_TYPES, exclude_nodes: tuple[str, ...] = (),
                   batch_size: int = 16, trt_version: int = 100300, activations: str = "symmetric",
-                  reduce_range: bool = False) -> QuantizedOnnx:
+                  reduce_range: bool = False, int8_chains: bool = False) -> QuantizedOnnx:
     return QdqQuantizer(fp32, calib, method=method, percentile=percentile, op_types=op_types, batch_size=batch_size,
                         trt_version=trt_version, activations=activations,
-                        reduce_range=reduce_range).quantize(out, exclude_nodes=exclude_nodes)
+                        reduce_range=reduce_range, int8_chains=int8_chains).quantize(out, exclude_nodes=exclude_nodes)

@@ -62,3 +62,62 @@ def test_unknown_activation_form_is_refused(relu_net, tmp_path):
     path, x = relu_net
     with pytest.raises(InputError, match="activation form"):
         quantize_onnx(path, tmp_path / "q.onnx", _Calib(x), activations="nibble")
+
+
+class _Block(torch.nn.Module):
+    """conv -> SiLU -> attention (softmax between two activation matmuls) -> GELU MLP, with residual adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.norm = torch.nn.LayerNorm(16)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+    def forward(self, x):
+        x = torch.nn.functional.silu(self.conv(x))
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(self.norm(t)).chunk(3, dim=-1)
+        t = t + torch.softmax(q @ k.transpose(1, 2) * 0.25, dim=-1) @ v
+        t = t + self.mlp(t)
+        return t.mean(1)
+
+
+def _executed(path, tmp_path):
+    import onnxruntime as ort
+
+    from edgec.runtime.runners import session_options
+
+    opts = session_options(1, "host")
+    opts.optimized_model_filepath = str(tmp_path / "executed.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "executed.onnx")).graph.node]
+
+
+def test_int8_chains_keep_silu_in_int8_and_attention_in_float(tmp_path):
+    from edgec.backends.onnx import export
+    from edgec.quantize.onnx_qdq import chain_plan, quantize_onnx
+
+    torch.manual_seed(0)
+    path = tmp_path / "block.onnx"
+    with torch.no_grad():
+        export(_Block().eval(), (1, 3, 16, 16), path, dynamic_batch=False)
+    model = onnx.load(str(path))
+    nodes = {n.name: n for n in model.graph.node}
+    _, always_float = chain_plan(model)
+    kinds = [nodes[n].op_type for n in always_float]
+    assert kinds.count("MatMul") == 2  # q @ k^T and attn @ v: both inputs are activations
+    silu = [n for n in model.graph.node if n.op_type == "Sigmoid"]
+    assert silu and all(n.name not in always_float for n in silu)  # SiLU's sigmoid and its Mul are int8
+    assert "Erf" not in kinds and any(nodes[n].op_type == "Mul" for n in always_float)  # GELU's Muls stay float
+    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    plain = quantize_onnx(path, tmp_path / "plain.onnx", _Calib(x), activations="asymmetric")
+    chains = quantize_onnx(path, tmp_path / "chains.onnx", _Calib(x), activations="asymmetric", int8_chains=True)
+    executed = _executed(chains.path, tmp_path)
+    assert "QLinearSigmoid" in executed and "QLinearMul" in executed and "QLinearSoftmax" not in executed
+    plain_executed = _executed(plain.path, tmp_path)
+    assert "Softmax" in executed and "Sigmoid" in plain_executed  # plain: SiLU is a float island between Q/DQ pairs
+    assert executed.count("DequantizeLinear") < plain_executed.count("DequantizeLinear")  # fewer float islands
+    ref = np.concatenate([OnnxRunner(path)(x[i:i + 1]) for i in range(8)])
+    got = np.concatenate([OnnxRunner(chains.path)(x[i:i + 1]) for i in range(8)])
+    assert _cosine(got, ref) > 0.99
