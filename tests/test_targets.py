@@ -20,13 +20,16 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("name", sorted(registry.entries("targets")))
 def test_every_target_has_a_backend_and_valid_gates(name):
-    from edgec.backends import get_backend
+    from edgec.backends import get
     from edgec.verify.gates import parse_gate
 
     spec = registry.get("targets", name).spec
-    backend = get_backend(spec.backend)
-    assert callable(backend.build)
-    assert all(parse_gate(g) for g in spec.gates)
+    backend = get(spec.backend)
+    assert spec.runtime in backend.runtimes and set(spec.precisions) <= set(backend.precisions)
+    gates = [parse_gate(g) for g in spec.gates]
+    # every target is gated on agreement with the teacher, with a threshold a real model can meet
+    assert any(g.metric == "agreement" and g.op == ">=" and 0.5 <= g.threshold <= 1.0 for g in gates), spec.gates
+    assert all(g.holds(1.0) and not g.holds(0.0) for g in gates if g.metric in ("agreement", "cosine_mean")), spec.gates
     if spec.select == "fastest-passing":
         assert len(spec.precisions) > 1
 
@@ -82,6 +85,49 @@ def test_jetson_qdq_onnx_with_trtexec_recipe(project):
     assert "as written" in result["executed_by"] and report["host_isa"]["arch"]
     host = result["host_kernels"]
     assert "as written" not in host["executed_by"] and 0 < host["metrics"]["cosine_mean"] <= 1
+
+
+def test_jetson_fp16_is_one_toml_fp16_onnx_with_a_trtexec_fp16_recipe(project):
+    """A target variant is one file: fp16 ONNX (float32 I/O) and build_engine.sh with --fp16, no calibration."""
+    import onnx
+
+    config, build = project
+    compile_target(config, "--target", "jetson-fp16")
+    folder = build / "jetson-fp16"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert art["path"] == "model.fp16.onnx" and art["precision"] == "fp16" and art["runtime"] == "tensorrt"
+    assert manifest["quantization"] is None and not (folder / "calibration.cache").exists()
+    model = onnx.load(str(folder / art["path"]))
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) > 10 and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    script = (folder / "build_engine.sh").read_text()
+    assert "trtexec --onnx=model.fp16.onnx --fp16 --memPoolSize" in script and "--int8" not in script
+    verify = runner.invoke(app, ["verify", str(folder), "--json"])
+    assert verify.exit_code == 0, verify.output
+    m = json.loads(verify.stdout)["results"][0]["metrics"]
+    assert m["cosine_mean"] > 0.99 and m["agreement"] >= 0.97
+
+
+@pytest.mark.slow
+def test_openvino_backend_builds_nncf_int8_and_verifies_in_the_openvino_runtime(project):
+    """A backend added as one module: OpenVINO IR (.xml + .bin) with NNCF int8, timed and verified here."""
+    pytest.importorskip("openvino")
+    config, build = project
+    compile_target(config, "--target", "openvino")
+    folder = build / "openvino"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert art["path"].endswith(".xml") and art["runtime"] == "openvino"
+    assert [c["path"] for c in art["companions"]] == [art["path"][:-4] + ".bin"] and (folder / art["companions"][0]["path"]).is_file()
+    assert {c["precision"] for c in manifest["selection"]["candidates"]} == {"int8", "fp32"}
+    assert manifest["quantization"]["method"] == "minmax" and "NNCF" in manifest["quantization"]["form"]
+    assert manifest["versions"].get("openvino") and manifest["versions"].get("nncf")
+    verify = runner.invoke(app, ["verify", str(folder), "--json"])
+    assert verify.exit_code == 0, verify.output
+    m = json.loads(verify.stdout)["results"][0]["metrics"]
+    chosen = next(c for c in manifest["selection"]["candidates"] if c["precision"] == manifest["selection"]["chosen"])
+    assert m["cosine_mean"] == pytest.approx(chosen["metrics"]["cosine_mean"], abs=1e-5) and m["agreement"] >= 0.97
 
 
 def test_device_of_another_target_is_refused(project):
@@ -191,22 +237,33 @@ def test_second_compile_with_unchanged_inputs_reuses_the_folder(project):
 
 
 def _strip_volatile(manifest: dict) -> dict:
-    """A manifest without what legitimately differs between two builds: wall time and measured latencies."""
+    """A manifest without what legitimately differs between two builds: wall times, measured latencies and
+    whether a decision was timed or taken from edgec.lock."""
     manifest = json.loads(json.dumps(manifest))
     manifest["build"].pop("seconds")
+    manifest.get("selection", {}).pop("decided_by", None)
     for cand in (manifest.get("selection") or {}).get("candidates", []):
         cand.pop("median_ms", None)
+    if manifest.get("quantization"):
+        manifest["quantization"].pop("seconds", None)
     return manifest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["jetson", "edgetpu"])
+@pytest.mark.parametrize("target", ["jetson", "edgetpu", "cpu", "jetson-fp16", "openvino"])
 def test_two_clean_builds_are_byte_identical(project, tmp_path, target):
-    """ONNX Q/DQ (jetson) and fully integer TFLite (edgetpu): same inputs, same bytes in every file."""
+    """Same inputs, same bytes in every file: ONNX Q/DQ (jetson), fully integer TFLite (edgetpu), fp16 ONNX
+    (jetson-fp16), and the targets that time their candidates (cpu, openvino), whose choice the first build
+    records in edgec.lock and the second reuses."""
     config, _ = project
+    lock = config.parent / "edgec.lock"
+    lock.unlink(missing_ok=True)
     folders = [tmp_path / "a", tmp_path / "b"]
     for folder in folders:
         compile_target(config, "--target", target, "--force", "--out", str(folder))
+    selection = json.loads((folders[1] / "manifest.json").read_text())["selection"]
+    if selection["policy"] == "fastest-passing":
+        assert selection["decided_by"] == "lock" and f"[targets.{target}.precision]" in lock.read_text()
     files = sorted(p.name for p in folders[0].iterdir())
     assert files == sorted(p.name for p in folders[1].iterdir())
     for name in files:

@@ -55,8 +55,25 @@ def convert(encoder, input_shape: tuple[int, ...], *, normalize: bool = True):
 
 
 def save(ov_model, path: Path) -> Path:
+    """The IR, with the names OpenVINO generates from a process-wide counter (``Model36``, ``Constant_26691``)
+    replaced by ones from the graph's order: the same model gives the same bytes in every build."""
+    import re
+
     ov = _ov()
-    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    model = ov_model.clone()
+    model.set_friendly_name("edgec")
+    auto = re.compile(r"(?<![A-Za-z0-9_.])([A-Z][A-Za-z0-9]*)_(\d+)")  # an op type and the counter: Multiply_3054
+    renamed: dict[str, str] = {}
+
+    def stable(m: re.Match) -> str:
+        return renamed.setdefault(m.group(0), f"{m.group(1)}_n{len(renamed)}")
+
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        new = auto.sub(stable, name)
+        if new != name:
+            op.set_friendly_name(new)
+    ov.save_model(model, str(path), compress_to_fp16=False)
     return path
 
 
