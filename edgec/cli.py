@@ -120,16 +120,22 @@ class _LogStream:
     """A text stream for ``sys.stderr`` that writes whole lines into the log (and to ``echo`` with --verbose)."""
 
     def __init__(self, logger, echo=None) -> None:
-        self._logger, self._echo, self._buf = logger, echo, ""
+        self._logger, self._echo, self._buf, self._busy = logger, echo, "", False
 
     def write(self, text: str) -> int:
         if self._echo is not None:
             self._echo.write(text)
+        if self._busy:  # logging reports its own failure on sys.stderr: never loop
+            return len(text)
         self._buf += text
         *lines, self._buf = self._buf.split("\n")
-        for line in lines:
-            if line.strip():
-                self._logger.warning(line)
+        self._busy = True
+        try:
+            for line in lines:
+                if line.strip():
+                    self._logger.warning(line)
+        finally:
+            self._busy = False
         return len(text)
 
     def flush(self) -> None:
@@ -164,6 +170,8 @@ def _capture_output(ctx: typer.Context, verbose: bool) -> None:
     path = log_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):  # writable now, or no log file (rather than errors later)
+            pass
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=2_000_000, backupCount=1, delay=True,
                                                        encoding="utf-8")
         handler.setFormatter(logging.Formatter(f"%(asctime)s pid {os.getpid()} %(name)s %(levelname)s: %(message)s"))
@@ -486,6 +494,10 @@ def distill_cmd(
     from .config import load_config
     from .distill import DistillConfig, run
 
+    if target is not None:  # an unknown target is refused, not silently the default student
+        from . import registry
+
+        registry.get("targets", target)
     edgec_cfg = _override(load_config(config), "distill", epochs=("--epochs", epochs),
                           batch_size=("--batch-size", batch_size), lr=("--lr", lr))
     _trust(trust_pickle, edgec_cfg)

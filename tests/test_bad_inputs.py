@@ -426,6 +426,7 @@ CASES = [
     Case("distill-epochs-0", _argv(*DISTILL, "--epochs", "0", config=True), needle="epochs"),
     Case("distill-epochs-huge", _argv(*DISTILL, "--epochs", "99999999999999999999999", config=True), needle="epochs"),
     Case("distill-batch-size-0", _argv(*DISTILL, "--batch-size", "0", config=True), needle="--batch-size"),
+    Case("distill-unknown-target", _argv(*DISTILL, "--target", "cpuu", config=True), needle="cpuu"),
     Case("distill-lr-negative", _argv(*DISTILL, "--lr", "-1", config=True), needle="lr"),
     Case("distill-lr-nan", _argv(*DISTILL, "--lr", "nan", config=True), needle="lr"),
     Case("quantize-tolerance-2", _argv("quantize", "--tolerance", "2", "--no-progress", config=True), needle="tolerance"),
@@ -537,6 +538,7 @@ CASES = [
     # --- the environment
     Case("build-read-only", _read_only_build, needle="read-only", needs="mount-or-user"),
     Case("disk-full", _full_disk, needle="space", needs="mount"),
+    Case("log-file-is-a-folder", _argv("verify", "{dir}/nope"), env=lambda c: {"EDGEC_LOG": str(c.dir)}, needle="nope"),
     Case("compile-out-is-a-file", lambda c: [*COMPILE, "--config", str(c.proj / "edgec.toml"), "--out",
                                             str(c.folder("o", {"f": b""}) / "f")], needle="f"),
 ]
