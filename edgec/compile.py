@@ -569,6 +569,10 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
         raise InputError("edgec.toml has no [model] section", hint="add [model] path = ...")
     teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
     build = cfg.resolve(cfg.targets.out)
+    for key, value in (("[calibration] path", cfg.calibration.path), ("[data] eval", cfg.data.eval),
+                       ("[data] train", None if no_distill or student_dir is not None else cfg.data.train)):
+        if value is not None and not cfg.resolve(value).exists():  # before the golden set or a student is made
+            raise InputError(f"{key} not found: {cfg.resolve(value)}", hint=f"fix {key} in edgec.toml")
     if not no_distill and student_dir is None:  # distilled unless a student made from the same inputs is there
         dcfg = DistillConfig.from_edgec(cfg, target=target)
         student_dir = ensure_student(dcfg, progress=progress, log=log, label=f"{target}: distill {dcfg.student}").student

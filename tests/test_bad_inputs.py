@@ -504,6 +504,8 @@ CASES = [
     Case("data-captions-missing-image", _captions_missing_image, needle="gone.png"),
     Case("data-captions-symlink-out", _captions_symlink_out, needle="link.png"),
     Case("data-folder-symlink-out", _image_folder_symlink_out, needle="z.png"),
+    Case("calibration-missing-fresh-build", lambda c: [*COMPILE, "--config", str(c.config(
+        calibration={"path": str(c.dir / "no-calibration")}, out=c.dir / "build"))], needle="no-calibration"),
     Case("calibration-list-not-utf8", lambda c: _calibration_list(c, b"/tmp/caf\xe9.png\n"), needle="UTF-8"),
     Case("calibration-list-missing-files", lambda c: _calibration_list(c, b"/nonexistent/a.png\n/nonexistent/b.png\n")),
     # --- verify, bench, report on broken folders
