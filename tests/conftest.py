@@ -171,3 +171,18 @@ def torch_free_venv(tmp_path_factory) -> Path:
     assert install.returncode == 0, install.stderr[-2000:]
     assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0, "torch got installed"
     return venv / "bin"
+
+
+def write_project(root: Path, data: Path, teacher: Path = EXAMPLE / "teacher", extra: str = "") -> Path:
+    """An edgec.toml in ``root`` for the example teacher (or ``teacher``) on ``data`` (shapes_data), building into
+    ``root/build`` with timm's tiny test student; ``extra`` is appended as TOML."""
+    path = root / "edgec.toml"
+    path.write_text("\n".join([
+        "[model]", f"path = {json.dumps(str(teacher))}",
+        "[student]", 'name = "test_efficientnet"',
+        "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
+        "[distill]", "epochs = 1", "batch_size = 16", "lr = 0.01",
+        "[calibration]", f"path = {json.dumps(str(data / 'train'))}", "num_images = 32",
+        "[targets]", f"out = {json.dumps(str(root / 'build'))}",
+    ]) + "\n" + extra)
+    return path

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from edgec.cli import app
 
-from .verify.test_verify import write_project
+from .conftest import write_project
 
 runner = CliRunner()
 
@@ -22,7 +22,7 @@ def test_target_all_compiles_in_parallel_and_collects_each_error(tmp_path, shape
     assert result.exit_code == 1, result.output  # the gate failure's exit code
     out = result.stdout
     assert "compiling 2 targets, 2 at a time, each in its own process" in out
-    assert "jetson: int8 Q/DQ ONNX" in out and "cpu: candidate fp32" in out  # worker lines, prefixed by target
+    assert "jetson: quantize: ONNX Q/DQ" in out and "cpu: candidate fp32" in out  # worker lines, prefixed by target
     assert "[2/2]" in out and "jetson: ran in" in out
     assert "1 of 2 targets failed (cpu)" in result.stderr and "no candidate precision passes" in result.stderr
     build = tmp_path / "build"

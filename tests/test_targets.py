@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 from edgec import registry
 from edgec.cli import app
 
-from .conftest import expected_choice
-from .verify.test_verify import write_project
+from .conftest import expected_choice, write_project
 
 runner = CliRunner()
 

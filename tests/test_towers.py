@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from edgec.cli import app
 
-from .conftest import EXAMPLE
-from .verify.test_verify import write_project
+from .conftest import EXAMPLE, write_project
 
 runner = CliRunner()
 
@@ -138,14 +137,16 @@ def test_folded_onnx_head_normalises_and_adds_the_bias(tmp_path, torch):
     """The LpNormalization + bias branch (a graph whose output is not normalised, a SigLIP-style bias)."""
     import onnxruntime as ort
 
-    from edgec.compile import _fold_head_onnx
+    from edgec.backends import get
+
+    fold_head = get("onnx").fold_head  # the backend that folds a head into a built artifact
 
     lin = torch.nn.Linear(6, 5).eval()
     torch.onnx.export(lin, (torch.zeros(1, 6),), str(tmp_path / "m.onnx"), input_names=["pixels"],
                       output_names=["embedding"], opset_version=17, dynamo=False,
                       dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}})
     text = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
-    _fold_head_onnx(tmp_path / "m.onnx", tmp_path / "z.onnx", text, 10.0, -2.5, normalize=True)
+    assert fold_head(tmp_path / "m.onnx", tmp_path / "z.onnx", text, 10.0, -2.5, normalize=True)
     x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
     got = ort.InferenceSession(str(tmp_path / "z.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
     with torch.no_grad():
@@ -166,11 +167,12 @@ def test_default_compile_keeps_one_artifact_and_its_cache_key(towers):
 
 def test_edgetpu_does_not_build_a_text_tower_and_says_why(tmp_path):
     from edgec import registry
-    from edgec.compile import _text_tower
+    from edgec.backends import get
+    from edgec.towers import text_tower
 
     spec = registry.get("targets", "edgetpu").spec
     lines = []
-    res = _text_tower("edgetpu", None, spec, None, tmp_path, ["a photo of a circle."], lines.append)
+    res = text_tower("edgetpu", None, spec, get(spec.backend), tmp_path, ["a photo of a circle."], lines.append)
     assert res["built"] is False and "does not map onto it" in res["reason"] and "cpu" in res["reason"]
     assert lines and lines[0].startswith("text tower not built")
 

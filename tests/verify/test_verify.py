@@ -15,22 +15,9 @@ from typer.testing import CliRunner
 from edgec.cli import app
 from edgec.manifest import sha256_file
 
-from ..conftest import EXAMPLE, expected_choice
+from ..conftest import EXAMPLE, expected_choice, write_project  # noqa: F401 - write_project: shared, others import it here
 
 runner = CliRunner()
-
-
-def write_project(root: Path, data: Path, teacher: Path = EXAMPLE / "teacher", extra: str = "") -> Path:
-    path = root / "edgec.toml"
-    path.write_text("\n".join([
-        "[model]", f"path = {json.dumps(str(teacher))}",
-        "[student]", 'name = "test_efficientnet"',
-        "[data]", f"train = {json.dumps(str(data / 'train'))}", f"eval = {json.dumps(str(data / 'eval'))}",
-        "[distill]", "epochs = 1", "batch_size = 16", "lr = 0.01",
-        "[calibration]", f"path = {json.dumps(str(data / 'train'))}", "num_images = 32",
-        "[targets]", f"out = {json.dumps(str(root / 'build'))}",
-    ]) + "\n" + extra)
-    return path
 
 
 @pytest.fixture(scope="module")
