@@ -76,6 +76,23 @@ def _timm_kwargs(name: str, size: tuple[int, int]) -> dict:
     return {"img_size": size[0] if size[0] == size[1] else list(size)}
 
 
+def build_backbone(name: str, size: tuple[int, int], timm_kwargs: dict | None = None) -> nn.Module:
+    """The timm backbone (pooled features, no head) for ``size``; ``timm_kwargs`` default: :func:`_timm_kwargs`.
+    The kwargs it was built with are in ``edgec_timm_kwargs``."""
+    kwargs = dict(_timm_kwargs(name, size) if timm_kwargs is None else timm_kwargs)
+    if isinstance(kwargs.get("img_size"), list):
+        kwargs["img_size"] = tuple(kwargs["img_size"])
+    try:
+        backbone = _timm().create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as exc:  # a fixed-size model whose constructor has no img_size: build it at its own size
+        if "img_size" not in str(exc):
+            raise
+        kwargs = {}
+        backbone = _timm().create_model(name, pretrained=False, num_classes=0)
+    backbone.edgec_timm_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return backbone
+
+
 def create_student(spec: StudentSpec, *, seed: int | None = None, timm_kwargs: dict | None = None) -> Student:
     """A student at ``spec.preprocess.size``: models that are built for one resolution get it (``img_size``);
     a model that cannot run at that size is refused with the sizes it supports. ``timm_kwargs`` (from a
@@ -86,21 +103,11 @@ def create_student(spec: StudentSpec, *, seed: int | None = None, timm_kwargs: d
         from .students import check_size
 
         check_size(spec.name, size)
-        timm_kwargs = _timm_kwargs(spec.name, size)
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs = dict(timm_kwargs)
-    if isinstance(kwargs.get("img_size"), list):
-        kwargs["img_size"] = tuple(kwargs["img_size"])
-    try:
-        backbone = _timm().create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
-    except TypeError as exc:  # a fixed-size model whose constructor has no img_size: build it at its own size
-        if "img_size" not in str(exc):
-            raise
-        timm_kwargs = {}
-        backbone = _timm().create_model(spec.name, pretrained=False, num_classes=0)
+    backbone = build_backbone(spec.name, size, timm_kwargs)
     student = Student(backbone, spec.embed_dim)
-    student.timm_kwargs = dict(timm_kwargs)
+    student.timm_kwargs = dict(backbone.edgec_timm_kwargs)
     disable_fused_attention(student)
     from .students import check_runs
 

@@ -122,16 +122,16 @@ def check_runs(student: nn.Module, name: str, size: tuple[int, int]) -> None:
     if family is not None:
         supported = family.sizes_text()
     else:
-        from .student import StudentSpec, create_student
-        from ..data.preprocess import Preprocess
+        from .student import build_backbone
 
         good = []
         for side in range(32, 257, 32):
             try:
-                create_student(StudentSpec(name, 8, Preprocess(size=(side, side))))
-                good.append(side)
-            except InputError:
+                backbone = build_backbone(name, (side, side)).eval()
+            except (RuntimeError, ValueError, AssertionError):  # some fail already in the constructor
                 continue
+            if _runs(backbone, (side, side)):
+                good.append(side)
         supported = f"square sides {', '.join(map(str, good))} px (tried multiples of 32 up to 256)" if good else \
             "none of the multiples of 32 up to 256 either"
     raise InputError(f"student {name} cannot run at {size[0]}x{size[1]} px; it runs at {supported}",
