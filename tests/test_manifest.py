@@ -140,9 +140,19 @@ def test_mutated_manifests_fail_only_with_the_documented_error(tmp_path, data):
 def test_any_manifest_file_is_read_or_refused(tmp_path, raw):
     (tmp_path / "manifest.json").write_bytes(raw)
     try:
-        read_manifest(tmp_path)
-    except InputError:
-        pass
+        manifest = read_manifest(tmp_path)
+    except InputError as exc:  # refused: one line that names the file, exit 2
+        assert exc.exit_code == 2 and "\n" not in exc.message and "manifest.json" in exc.message
+        return
+    # read: what verify and bench rely on is there, inside the folder
+    assert isinstance(manifest, dict) and manifest["artifacts"] and manifest["outputs"]
+    for art in manifest["artifacts"]:
+        assert (tmp_path / art["path"]).resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_a_valid_manifest_file_is_read_back(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(VALID))
+    assert read_manifest(tmp_path)["artifacts"][0]["path"] == "model.onnx"
 
 
 @pytest.mark.parametrize("rel", ["../model.onnx", "/etc/passwd", "a/../../b", "", "sub/../../x.onnx"])
