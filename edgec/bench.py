@@ -89,6 +89,11 @@ def bench(folder: str | Path, *, runs: int = 50, warmup: int = 10, threads: int 
           teacher_config: Path | None = None, log=print) -> dict:
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if teacher_config is not None:  # checked before anything is timed
+        from .config import load_config
+
+        if load_config(teacher_config).model is None:
+            raise InputError(f"--teacher {teacher_config} has no [model] section", hint="add [model] path = ...")
     threads = threads or os.cpu_count() or 1
     shape = manifest["inputs"][0]["shape"]
     results = []

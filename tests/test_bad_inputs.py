@@ -530,6 +530,9 @@ CASES = [
     Case("bench-folder-missing", _argv("bench", "{dir}/nope", "--runs", "1"), needle="nope"),
     Case("bench-teacher-config-missing", _argv("bench", "{proj}/build/cpu", "--runs", "1", "--teacher", "{dir}/no.toml"),
          needle="no.toml"),
+    Case("bench-teacher-config-without-model", lambda c: ["bench", str(c.proj / "build" / "cpu"), "--runs", "1",
+                                                         "--teacher", str(_write(c.dir / "t.toml", "version = 1\n"))],
+         needle="[model]"),
     Case("report-folder-missing", _argv("report", "{dir}/nope", "--html", "{dir}/r.html"), needle="nope"),
     Case("report-not-verified", lambda c: ["report", str(_unverified(c)), "--html", str(c.dir / "r.html")],
          needle="verified"),
@@ -544,6 +547,11 @@ CASES = [
     Case("compile-out-is-a-file", lambda c: [*COMPILE, "--config", str(c.proj / "edgec.toml"), "--out",
                                             str(c.folder("o", {"f": b""}) / "f")], needle="f"),
 ]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def _truncated_teacher(c: Ctx) -> Path:
@@ -598,3 +606,13 @@ def test_traceback_flag_keeps_the_exit_code(project: Path, tmp_path: Path):
     proc = edgec(["--traceback", "verify", str(tmp_path / "nope")], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_broken_step_summary_path_does_not_change_the_verdict(project: Path, tmp_path: Path):
+    """$GITHUB_STEP_SUMMARY is the CI's convenience: a folder there is logged, verify still passes."""
+    ctx = Ctx(project, tmp_path / "case")
+    ctx.dir.mkdir()
+    argv = _verify_copy(ctx, lambda b: None)
+    proc = edgec(argv, cwd=ctx.dir, env={"GITHUB_STEP_SUMMARY": str(ctx.dir)})
+    assert proc.returncode == 0 and "cpu: passed" in proc.stdout and not proc.stderr, proc.stderr
+    assert "GITHUB_STEP_SUMMARY" in (tmp_path / "edgec-battery.log").read_text()
