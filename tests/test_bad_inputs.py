@@ -495,6 +495,8 @@ CASES = [
     Case("hf-config-not-json", lambda c: _hf_config(c, "{model_type: clip"), needle="config.json"),
     Case("hf-config-unsupported-type", lambda c: _hf_config(c, '{"model_type": "bert"}'), needle="bert"),
     # --- data
+    Case("data-train-one-image", lambda c: [*DISTILL, "--config", str(c.config(
+        data={"train": str(c.folder("one", {"a/x.png": _good_png()}))}, out=c.dir / "build"))], needle="at least 2"),
     Case("data-eval-missing", _cfg(GOLDEN, data={"eval": "/nonexistent/eval"}), needle="/nonexistent/eval"),
     Case("data-eval-empty", lambda c: _golden_with_eval(c, c.folder("evalset", {"README.txt": b"x"}))),
     Case("data-all-corrupt", _all_corrupt_images),

@@ -25,6 +25,7 @@ from ..manifest import atomic_write_json, file_record, package_versions
 from ..schema import to_dict
 
 SCHEMA = 1
+MIN_TRAIN_IMAGES = 2
 
 
 def resolve_data(cfg: EdgecConfig, spec: str | None) -> Path | None:
@@ -153,6 +154,9 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
         if path is None:
             continue
         source = open_source(path, config.captions_file)
+        if role == "train" and hasattr(source, "__len__") and len(source) < MIN_TRAIN_IMAGES:  # before any caching
+            raise InputError(f"{path} has {len(source)} training image(s); distillation needs at least "
+                             f"{MIN_TRAIN_IMAGES} (BatchNorm statistics need a batch of two)", hint="add images to [data] train")
         views = config.params.teacher_views if role == "train" else 1
         splits[role] = prepare_split(teacher, source, role=role, prompts=prompts, cache_root=cache_root,
                                      preprocess=spec.preprocess, views=views, seed=config.params.seed,
