@@ -46,3 +46,17 @@ def test_heartbeat_prints_through_emit_and_phases_nest():
 def test_disabled_heartbeat_is_silent():
     with heartbeat(lambda _: (_ for _ in ()).throw(AssertionError("spoke")), enabled=False) as beat:
         assert beat is None
+
+
+def test_distill_bar_says_no_loss_yet_before_the_first_step():
+    from edgec.distill.trainer import _Bar
+
+    bar = _Bar(total=10, done=0)
+    try:
+        fields = bar.progress.tasks[0].fields
+        assert (fields["loss_text"], fields["ips_text"]) == ("loss -", "first step...")
+        bar.update(1, loss=0.25, ips=12.4, epoch=1)
+        fields = bar.progress.tasks[0].fields
+        assert (fields["loss_text"], fields["ips_text"]) == ("loss 0.2500", "12 img/s")
+    finally:
+        bar.close()
