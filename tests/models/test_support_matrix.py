@@ -51,6 +51,25 @@ def test_teacher_intake_matches_the_source_forward(family, matrix_root, torch):
     np.testing.assert_allclose(model.encode_text(ids).numpy(), ref_text.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("family", sorted(TEACHERS))
+def test_teacher_image_macs_match_an_independent_count(family, matrix_root, tmp_path, torch):
+    """What edgec inspect counts (FLOP counter on the math path) against the exported ONNX graph's own
+    Conv/MatMul/Gemm multiply-accumulates (bench-breadth's independent count): within 2 %."""
+    from edgec.backends.onnx import export
+    from edgec.benchmarks.breadth import onnx_macs
+    from edgec.models import load_model
+    from edgec.models.base import count_macs
+
+    built = _teacher(family, matrix_root)
+    model = load_model(built.path, arch=built.arch)
+    h, w = model.preprocess.size
+    ours = count_macs(model.image_encoder, torch.zeros(1, 3, h, w))
+    with torch.no_grad():
+        export(model.image_encoder, (1, 3, h, w), tmp_path / "image.onnx", dynamic_batch=False)
+    theirs = onnx_macs(tmp_path / "image.onnx")
+    assert abs(ours - theirs) <= 0.02 * theirs, (ours, theirs)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TEACHERS))
 def test_teacher_golden_compile_cpu_verify(family, matrix_root, shapes_data, tmp_path):
