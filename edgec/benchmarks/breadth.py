@@ -93,7 +93,8 @@ def write_config(folder: Path, model: Path, arch: str | None, data: Path) -> Pat
     return path
 
 
-def bench_model(label: str, family: str, arch_override: str | None, work: Path, data: Path, targets: list[str]) -> dict:
+def bench_model(label: str, family: str, arch_override: str | None, work: Path, data: Path, targets: list[str],
+                on_cell=lambda row: None) -> dict:
     import torch
 
     from ..models import load_model
@@ -101,12 +102,13 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
 
     folder = work / label.replace(" ", "_").replace("(", "").replace(")", "")
     folder.mkdir(parents=True, exist_ok=True)
-    log(f"{label}: building the random-init real-size model")
+    log(f"{label}: building the random-init real-size model (same seed every run)")
     if family == "open_clip-vit":
         built = build_open_clip_vit(folder / "model", "real", real_arch=arch_override)
     else:
         built = FAMILIES[family].build(folder / "model", "real")
     row: dict = {"model": label, "targets": {}}
+    on_cell(row)
     args = [str(built.path)] + (["--arch", built.arch] if built.arch else [])
     code, stdout, error, secs = edgec("inspect", *args, "--json")
     log(f"{label}: inspect exit {code} ({secs:.0f} s) {error}")
@@ -128,7 +130,10 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
         f"{row['inspect']['onnx_macs'] / 1e9:.3f} G (ONNX graph)")
     del model
     config = write_config(folder, built.path, built.arch, data)
-    code, _, error, secs = edgec("golden", "--config", str(config), cwd=folder)
+    if (folder / "build" / "golden").is_dir():  # same seed, same model: the golden set of an earlier run stands
+        code, error, secs = 0, "", 0.0
+    else:
+        code, _, error, secs = edgec("golden", "--config", str(config), cwd=folder)
     log(f"{label}: golden exit {code} ({secs:.0f} s) {error}")
     if code != 0:
         row["golden"] = {"exit": code, "error": error}
@@ -141,6 +146,7 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
             cell["error"] = error
             log(f"{label} / {target}: compile exit {code} ({secs:.0f} s) {error}")
             row["targets"][target] = cell
+            on_cell(row)
             continue
         out = folder / "build" / target
         manifest = json.loads((out / "manifest.json").read_text())
@@ -166,6 +172,7 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
         log(f"{label} / {target}: compile {secs:.0f} s, {cell['mb']} MB, verify exit {code}, cosine "
             f"{cell.get('cosine')} {error}")
         row["targets"][target] = cell
+        on_cell(row)
     return row
 
 
@@ -228,15 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         for split, scale in (("train", "0.02"), ("eval", "0.1")):
             subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(data), "--splits", split,
                             "--scale", scale], check=True, capture_output=True)
+    from ..quantize.compare import write_section
+
     rows, results = [], a.work / "results.json"
+    threads = f"{os.cpu_count()} cores, torch threads default"
+
+    def save(row: dict) -> None:  # after every cell: an interrupted run keeps what it measured
+        done = [r for r in rows if r["model"] != row["model"]] + [row]
+        results.write_text(json.dumps(done, indent=2))
+        write_section(a.benchmarks, SECTION, markdown(done, targets, threads))
+
     for label in models:
         family, arch = MODELS[label]
-        rows.append(bench_model(label, family, arch, a.work, data, targets))
-        results.write_text(json.dumps(rows, indent=2))
-        from ..quantize.compare import write_section
-
-        threads = f"{os.cpu_count()} cores, torch threads default"
-        write_section(a.benchmarks, SECTION, markdown(rows, targets, threads))
+        rows.append(bench_model(label, family, arch, a.work, data, targets, on_cell=save))
+        save(rows[-1])
         log(f"wrote {a.benchmarks} (section {SECTION}) and {results}")
     return 0
 
