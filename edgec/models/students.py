@@ -50,8 +50,9 @@ FAMILIES: dict[str, StudentFamily] = {f.name: f for f in (
                   not_on={"edgetpu": _ATTENTION_OFF_TPU}),
     StudentFamily("mobilevitv2", ("mobilevitv2_050", "mobilevitv2_075", "mobilevitv2_100"),
                   "MobileViTv2: separable (linear) self-attention", ("onnx", "executorch"),
-                  not_on={"litert": "the LiteRT converter rejects its separable attention ('tfl.mul' op operands "
-                                    "don't have broadcast-compatible shapes, timm mobilevit.py LinearSelfAttention)",
+                  not_on={"litert": "the LiteRT converter rejects its separable self-attention (timm "
+                                    "LinearSelfAttention: 'tfl.mul' op operands don't have broadcast-compatible "
+                                    "shapes; seen at 64 px)",
                           "edgetpu": _ATTENTION_OFF_TPU}),
     StudentFamily("fastvit", ("fastvit_t8", "fastvit_t12", "fastvit_s12"),
                   "FastViT: reparameterisable RepMixer convolutions", BACKENDS, not_on={"edgetpu": _GELU_OFF_TPU}),
