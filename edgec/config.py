@@ -194,6 +194,9 @@ class TargetsSection:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if not self.build:
+            raise ValueError("build must list at least one target (see 'edgec targets')")
+        object.__setattr__(self, "build", list(dict.fromkeys(self.build)))  # a target listed twice is built once
         if "image" not in self.towers or len(set(self.towers)) != len(self.towers):
             raise ValueError(f"towers must include 'image' once (and may add 'text'), got {self.towers}")
 

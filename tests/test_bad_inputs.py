@@ -508,6 +508,10 @@ CASES = [
     Case("data-folder-symlink-out", _image_folder_symlink_out, needle="z.png"),
     Case("calibration-missing-fresh-build", lambda c: [*COMPILE, "--config", str(c.config(
         calibration={"path": str(c.dir / "no-calibration")}, out=c.dir / "build"))], needle="no-calibration"),
+    Case("int8-without-calibration-fresh-build", lambda c: [*COMPILE, "--config", str(c.config(
+        drop=("calibration.path", "calibration.num_images"), out=c.dir / "build"))], needle="calibration images"),
+    Case("config-build-empty", _cfg(["compile", "--target", "all", "--no-distill"], targets={"build": []}),
+         needle="at least one target"),
     Case("calibration-list-not-utf8", lambda c: _calibration_list(c, b"/tmp/caf\xe9.png\n"), needle="UTF-8"),
     Case("calibration-list-missing-files", lambda c: _calibration_list(c, b"/nonexistent/a.png\n/nonexistent/b.png\n")),
     # --- verify, bench, report on broken folders
