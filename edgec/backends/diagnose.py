@@ -241,8 +241,9 @@ TAPS = {"onnx": onnx_taps, "tflite": tflite_taps}
 def artifact_taps(path, fmt: str, x: np.ndarray) -> list[tuple[list[str], str | None, np.ndarray]]:
     """The intermediate tensors of an artifact, by format; InputError for a format without layer taps here."""
     if fmt not in TAPS:
-        why = {"pte": ": ExecuTorch's intermediate outputs (ETDump debug buffer) are named by debug handles, and "
-                      "mapping them to PyTorch modules needs an ETRecord, which compile does not write"}.get(fmt, "")
+        why = {"pte": ": in ExecuTorch's ETDump only whole XNNPACK delegate calls carry outputs (the ops inside a "
+                      "delegate log none), and naming them after PyTorch modules needs an ETRecord, which compile "
+                      "does not write"}.get(fmt, "")
         raise InputError(f"edgec diagnose cannot read the intermediate tensors of a .{fmt} artifact{why}",
                          hint=f"layer-by-layer diagnosis covers {', '.join('.' + f for f in TAPS)} artifacts; compile "
                               "the model for cpu or android-tflite and diagnose that")

@@ -25,6 +25,9 @@ def verify_device(source: str | Path, *, on: str | None = None, golden: Path | N
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source} does not exist", hint="pass a target folder (build/<target>) or a bundle")
+    if is_bundle(source) and (golden is not None or images is not None):
+        raise InputError(f"{source} is a bundle: it carries its golden images, so --golden and --images do not apply",
+                         hint="pass them to 'edgec bundle', or verify the target folder")
     if on is None:
         if not is_bundle(source):
             raise InputError(f"{source} is not a bundle", hint="verify a target folder without --on, or bundle it first")

@@ -50,7 +50,8 @@ def test_pte_ships_as_an_executorch_bundled_program(pte_build, tmp_path):
     from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
 
     expected = np.load(tmp_path / "b" / entry["expected"])
-    cases = [MethodTestCase(inputs=[torch.zeros(1, 3, 64, 64)], expected_outputs=[torch.from_numpy(expected[i:i + 1])])
+    shape = json.loads((tmp_path / "b" / "android" / "manifest.json").read_text())["inputs"][0]["shape"]
+    cases = [MethodTestCase(inputs=[torch.zeros(*shape)], expected_outputs=[torch.from_numpy(expected[i:i + 1])])
              for i in range(entry["cases"])]
     bad = BundledProgram(None, [MethodTestSuite("forward", cases)], pte_file_path=str(tmp_path / "b" / "android" / "model.int8.pte"))
     bpte.write_bytes(serialize_from_bundled_program_to_flatbuffer(bad))
