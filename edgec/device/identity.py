@@ -44,7 +44,8 @@ def accelerators() -> list[str]:
     try:
         import onnxruntime as ort
 
-        found += [f"onnxruntime {p}" for p in ort.get_available_providers() if p != "CPUExecutionProvider"]
+        found += [f"onnxruntime {p}" for p in ort.get_available_providers()
+                  if p not in ("CPUExecutionProvider", "AzureExecutionProvider")]  # Azure: remote endpoints, not a chip
     except ImportError:
         pass
     model = _read("/proc/device-tree/model")
