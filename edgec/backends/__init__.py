@@ -67,6 +67,10 @@ class Backend:
     precisions: tuple[str, ...]
     quantizers: dict[str, Quantizer]  # the first is the default
     build: Callable
+    program: Callable | None = None  # (encoder, shape, spec, calib, method, percentile, work, options) -> Program
+    # (encoder, nchw shape, calib, work) -> (artifact, description): the vendor's own default int8 flow, which
+    # 'edgec quantize --compare' measures edgec's forms against
+    reference_int8: Callable | None = None
     export_text: Callable | None = None
     op_report: Callable | None = None
     io_records: Callable | None = None

@@ -44,20 +44,37 @@ def lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
 _lower = lower  # the name tests and older callers use
 
 
+def prepared(encoder, spec):
+    """The encoder as ExecuTorch exports it: normalisation folded in (when the target asks), timm's fused
+    attention off, LayerNorm and attention rewritten into ops XNNPACK delegates. Returns (model, rewrites)."""
+    from ..models.student import disable_fused_attention
+    from .rewrites import xnnpack_friendly
+    from .wrappers import NormalizedEmbedding
+
+    model = NormalizedEmbedding(copy.deepcopy(encoder), spec.normalize_output).eval()
+    disable_fused_attention(model)
+    return model, xnnpack_friendly(model)
+
+
+def program(encoder, shape: tuple[int, ...], spec, calib, method: str, percentile: float, work: Path,
+            options: dict | None = None, prepared_model: bool = False):
+    """The target's PT2E program (XNNPACKQuantizer, per-channel weights, the method's activation observer)."""
+    from ..quantize.pt2e import Pt2eProgram
+
+    model = encoder if prepared_model else prepared(encoder, spec)[0]
+    return Pt2eProgram(model, shape, [b[0] for b in calib.batches(layout="NCHW", batch_size=1)], method=method,
+                       percentile=percentile, calibration_sha256=calib.sha256)
+
+
 def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
     """fp32 ``.pte`` and, when the target lists int8, the quantize stage's PT2E program lowered to XNNPACK."""
     # the target ISA plays no part: XNNPACK's and LiteRT's int8 kernels widen to 16/32 bits on every ISA (no saturation)
     import torch
 
-    from ..models.student import disable_fused_attention
     from .diagnose import unsupported_op_error
-    from .rewrites import xnnpack_friendly
-    from .wrappers import NormalizedEmbedding
 
     require_module("executorch", install="executorch", purpose="ExecuTorch (.pte) targets")
-    model = NormalizedEmbedding(copy.deepcopy(encoder), spec.normalize_output).eval()
-    disable_fused_attention(model)
-    rewrites = xnnpack_friendly(model)
+    model, rewrites = prepared(encoder, spec)
     if any(rewrites.values()):
         log(f"rewrote {rewrites['layer_norm']} LayerNorm and {rewrites['attention']} attention modules into ops "
             f"XNNPACK delegates")
@@ -84,13 +101,10 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
         f"{reports['fp32']['delegated_share']:.0%} of nodes delegated")
 
     def int8() -> Path:
-        from ..quantize.pt2e import Pt2eProgram
+        def make(calib, method, percentile):
+            return program(model, shape, spec, calib, method, percentile, work, options, prepared_model=True)
 
-        def program(calib, method, percentile):
-            return Pt2eProgram(model, shape, [b[0] for b in calib.batches(layout="NCHW", batch_size=1)], method=method,
-                               percentile=percentile, calibration_sha256=calib.sha256)
-
-        res = quantize(program, work / "model.int8.pte")
+        res = quantize(make, work / "model.int8.pte")
         reports["int8"] = res.record.get("delegation") or {}
         built.calibration_sha256, built.quantization = res.record["calibration_sha256"], res.record
         log(f"int8 .pte ({res.record['form']}, {res.path.stat().st_size / 1e6:.2f} MB), "
@@ -174,6 +188,22 @@ def export_text(module, context_length: int, path: Path, *, spec=None) -> dict:
             "delegation": report}
 
 
+def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[Path, str]:
+    """XNNPACKQuantizer with get_symmetric_quantization_config() defaults (per-tensor weights, histogram), no
+    edgec rewrites (timm's fused attention still off: it is how ExecuTorch exports timm models at all)."""
+    from ..models.student import disable_fused_attention
+    from ..quantize.pt2e import Pt2eProgram
+    from .wrappers import NormalizedEmbedding
+
+    model = NormalizedEmbedding(copy.deepcopy(encoder)).eval()
+    disable_fused_attention(model)
+    prog = Pt2eProgram(model, shape, [b[0] for b in calib.batches(layout="NCHW", batch_size=1)], method="histogram",
+                       per_channel=False)
+    out = work / "reference.int8.pte"
+    prog.lower(out)
+    return out, "XNNPACKQuantizer, get_symmetric_quantization_config() defaults (per-tensor, histogram)"
+
+
 def io_records(path: Path, io: dict, spec) -> dict:
     """A .pte takes and gives float32 at every precision: the export's records stand."""
     return io
@@ -185,6 +215,6 @@ BACKEND = Backend(
     runtime_modules={"executorch": ("executorch+torch",)}, precisions=("fp32", "int8"),
     quantizers={"xnnpack-pt2e": Quantizer("xnnpack-pt2e", "PT2E XNNPACKQuantizer, per-channel symmetric int8 weights, "
                                           "static int8 activations", METHODS, "histogram")},
-    build=build, export_text=export_text, io_records=io_records, delegates=("coreml",),
+    build=build, program=program, reference_int8=reference_int8, export_text=export_text, io_records=io_records, delegates=("coreml",),
     notes=("ExecuTorch's Python runtime imports torch: verifying .pte artifacts needs torch installed.",),
 )

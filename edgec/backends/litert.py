@@ -206,8 +206,14 @@ class Pt2eTfliteProgram:
         self.calibration_images = len(calib)
         self.description = f"litert-torch PT2E, per-channel int8 weights, float I/O ({method} ranges)"
 
-    def runner(self, keep_float=frozenset(), only=None):
-        return self.inner.runner(keep_float, only)
+    def runner(self, keep_float=frozenset(), only=None, batches=None):
+        return self.inner.runner(keep_float, only, batches)
+
+    def ranges_summary(self) -> dict:
+        return self.inner.ranges_summary()
+
+    def sensitivity_kwargs(self, images: int) -> dict:
+        return self.inner.sensitivity_kwargs(images)
 
     def write(self, out: Path, keep_float=frozenset()) -> dict[str, str]:
         litert_torch = require_module("litert_torch", install="litert-torch", purpose="LiteRT conversion")
@@ -236,6 +242,13 @@ class FullInt8Program:
     def runner(self, keep_float=frozenset(), only=None):
         return self.inner.runner(keep_float, only)
 
+    def ranges_summary(self) -> dict:
+        vals = [float(np.max(np.abs(np.concatenate([np.ravel(v["min"]), np.ravel(v["max"])]))))
+                for v in self.inner.qsv.values() if "min" in v and "max" in v]
+        vals = np.array(vals or [0.0])
+        return {"tensors": len(self.inner.qsv), "amax_min": float(vals.min()), "amax_median": float(np.median(vals)),
+                "amax_max": float(vals.max()), "note": "ai-edge-quantizer min/max calibration"}
+
     def write(self, out: Path, keep_float=frozenset()) -> dict[str, str]:
         self.inner.write(out, keep_float)
         return {}
@@ -243,6 +256,19 @@ class FullInt8Program:
 
 PT2E_QUANTIZER = "litert-pt2e-per-channel"
 FULL_INT8_QUANTIZER = "ai-edge-quantizer static_wi8_ai8"
+
+
+def program(encoder, shape: tuple[int, ...], spec, calib, method: str, percentile: float, work: Path,
+            options: dict | None = None, fp32: Path | None = None):
+    """The target's int8 program: litert-torch PT2E (CPU targets: closer to float and faster, float islands) or
+    ai-edge-quantizer's fully integer one on the fp32 .tflite (``fp32``, or a fresh conversion)."""
+    if BACKEND.quantizer(spec.quantizer).name == PT2E_QUANTIZER:
+        return Pt2eTfliteProgram(encoder, shape, calib, method=method, percentile=percentile, layout=spec.layout,
+                                 normalize=spec.normalize_output)
+    if fp32 is None:
+        fp32 = work / "model.fp32.tflite"
+        export(encoder, shape, fp32, layout=spec.layout, normalize=spec.normalize_output)
+    return FullInt8Program(fp32, calib, spec.layout)
 
 
 def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
@@ -254,16 +280,12 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
     io = export(encoder, shape, fp32, layout=spec.layout, normalize=spec.normalize_output)
     log(f"converted fp32 TFLite ({fp32.stat().st_size / 1e6:.2f} MB)")
     built = Built(candidates={}, format="tflite", io=io)
-    quantizer = BACKEND.quantizer(spec.quantizer).name
 
     def int8() -> Path:
-        def program(calib, method, percentile):
-            if quantizer == PT2E_QUANTIZER:  # closer to float and faster on a CPU, but not fully integer
-                return Pt2eTfliteProgram(encoder, shape, calib, method=method, percentile=percentile, layout=spec.layout,
-                                         normalize=spec.normalize_output)
-            return FullInt8Program(fp32, calib, spec.layout)
+        def make(calib, method, percentile):
+            return program(encoder, shape, spec, calib, method, percentile, work, options, fp32=fp32)
 
-        res = quantize(program, work / "model.int8.tflite")
+        res = quantize(make, work / "model.int8.tflite")
         built.calibration_sha256, built.quantization = res.record["calibration_sha256"], res.record
         log(f"int8 TFLite ({res.record['form']}, {res.record['calibration_images']} calibration images, "
             f"{res.path.stat().st_size / 1e6:.2f} MB)")
@@ -313,6 +335,17 @@ def export_text(module, context_length: int, path: Path, *, spec=None) -> dict:
             "outputs": [{"name": "embedding", "shape": [1, dim], "dtype": "float32", "normalized": True}]}
 
 
+def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[Path, str]:
+    """litert-torch's PT2E route with its default config (per-tensor weights, histogram observer), NHWC input."""
+    from .wrappers import NormalizedEmbedding
+
+    n, c, h, w = shape
+    out = work / "reference.int8.tflite"
+    quantize_pt2e(NormalizedEmbedding(encoder).eval(), (n, h, w, c), out,
+                  list(calib.batches(layout="NHWC", batch_size=1)), per_channel=False)
+    return out, "litert-torch PT2E, get_symmetric_quantization_config() defaults (per-tensor, histogram)"
+
+
 def io_records(path: Path, io: dict, spec) -> dict:
     """The shipped file's records: int8 I/O and its quantization parameters come from the model itself."""
     return tensor_records(path, normalized=spec.normalize_output)
@@ -344,6 +377,6 @@ BACKEND = Backend(
         PT2E_QUANTIZER: Quantizer(PT2E_QUANTIZER, "litert-torch PT2E, per-channel int8 weights, float islands",
                                   ("minmax", "percentile", "entropy", "histogram"), "histogram"),
     },
-    build=build, export_text=export_text, op_report=report_for, io_records=io_records,
+    build=build, program=program, reference_int8=reference_int8, export_text=export_text, op_report=report_for, io_records=io_records,
     accelerator_compile=accelerator_compile,
 )

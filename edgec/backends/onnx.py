@@ -111,6 +111,16 @@ class QdqProgram:
         q = self.qdq.quantize(out, exclude_nodes=tuple(sorted(keep_float)), only=only)
         return {"calibration.cache": q.trt_cache} if q.trt_cache is not None else {}
 
+    def ranges_summary(self) -> dict:
+        """How many activation tensors got a range, and how much the method clipped against min-max."""
+        import numpy as np
+
+        amax, top = self.qdq.amax, self.qdq.collector.max
+        clipped = [n for n, a in amax.items() if a < top.get(n, a) * 0.999]
+        vals = np.array(list(amax.values()) or [0.0])
+        return {"tensors": len(amax), "clipped_below_minmax": len(clipped), "amax_min": float(vals.min()),
+                "amax_median": float(np.median(vals)), "amax_max": float(vals.max())}
+
     def runner(self, keep_float=frozenset(), only=None):
         from ..runtime.runners import OnnxRunner
 
@@ -137,6 +147,24 @@ def int8_form(spec, isa) -> dict:
             "isa": list(isa.flags)}
 
 
+def program(encoder, shape: tuple[int, ...], spec, calib, method: str, percentile: float, work: Path,
+            options: dict | None = None, fp32: Path | None = None) -> QdqProgram:
+    """The target's int8 Q/DQ program (its activation form and weight width), from ``fp32`` or a fresh export."""
+    import torch
+
+    options = options or {}
+    if fp32 is None:
+        fp32 = work / "model.fp32.onnx"
+        with torch.no_grad():
+            export(encoder.eval(), shape, fp32, dynamic_batch=not spec.constraints.static_shapes,
+                   normalize=spec.normalize_output)
+    form = int8_form(spec, options.get("target_isa"))
+    return QdqProgram(fp32, calib, method=method, percentile=percentile,
+                      activations=ACTIVATIONS[BACKEND.quantizer(spec.quantizer).name],
+                      trt_version=int(options.get("trt_version", 100300)), reduce_range=form["weight_bits"] == 7,
+                      runtime=spec.runtime)
+
+
 def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
     """fp32 ONNX always (every other precision is made from it); fp16 and int8 Q/DQ when the target lists them."""
     import torch
@@ -148,7 +176,6 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
                     normalize=spec.normalize_output)
     log(f"exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
     built = Built(candidates={}, format="onnx", io=io)
-    activations = ACTIVATIONS[BACKEND.quantizer(spec.quantizer).name]
     if "int8" in spec.precisions:
         built.int8_form = int8_form(spec, options.get("target_isa"))
 
@@ -158,12 +185,10 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
         return path
 
     def int8() -> Path:
-        def program(calib, method, percentile):
-            return QdqProgram(fp32, calib, method=method, percentile=percentile, activations=activations,
-                              trt_version=int(options.get("trt_version", 100300)),
-                              reduce_range=built.int8_form["weight_bits"] == 7, runtime=spec.runtime)
+        def make(calib, method, percentile):
+            return program(encoder, shape, spec, calib, method, percentile, work, options, fp32=fp32)
 
-        res = quantize(program, work / "model.int8.onnx")
+        res = quantize(make, work / "model.int8.onnx")
         for name, text in res.files.items():
             built.files[name] = text
             built.files_for[name] = "int8"  # the TensorRT cache means something only beside the int8 graph
@@ -234,6 +259,25 @@ def fold_head(src: Path, dst: Path, text, scale: float, bias: float | None, *, n
     return True
 
 
+def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[Path, str]:
+    """onnxruntime's ``quantize_static`` with its defaults (QDQ, U8S8, per-tensor, MinMax, every op type)."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"pixels": b} for b in calib.batches(layout="NCHW", batch_size=1)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    fp32, pre, out = work / "reference.fp32.onnx", work / "reference.pre.onnx", work / "reference.int8.onnx"
+    export(encoder, shape, fp32, dynamic_batch=True)
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader())
+    return out, "onnxruntime quantize_static defaults: QDQ, U8S8, per-tensor, MinMax, all op types"
+
+
 TRTEXEC_FLAGS = {"int8": ["--int8", "--fp16"], "fp16": ["--fp16"], "fp32": []}
 
 
@@ -289,6 +333,6 @@ BACKEND = Backend(
         "qdq-asymmetric": Quantizer("qdq-asymmetric", "int8 Q/DQ, asymmetric uint8 activations (onnxruntime)",
                                     METHODS, "minmax"),
     },
-    build=build, export_text=export_text, fold_head=fold_head, recipe=recipe, text_note=text_recipe_note,
+    build=build, program=program, reference_int8=reference_int8, export_text=export_text, fold_head=fold_head, recipe=recipe, text_note=text_recipe_note,
     notes=("tensorrt artifacts are checked with onnxruntime here (Q/DQ ONNX); the engine needs tensorrt and a GPU",),
 )

@@ -131,6 +131,9 @@ class NncfProgram:
         save(self.quantized(keep_float), out)
         return {}
 
+    def ranges_summary(self) -> dict:
+        return {"estimator": f"NNCF {self.method} activation ranges", "per_channel_weights": True}
+
     def runner(self, keep_float=frozenset(), only=None):
         path = Path(self._tmp.name) / "candidate.xml"
         save(self.quantized(keep_float, only), path)
@@ -166,6 +169,26 @@ def runner(path: Path, threads: int | None = None):
     return OpenVinoRunner(path, threads)
 
 
+def program(encoder, shape: tuple[int, ...], spec, calib, method: str, percentile: float, work: Path,
+            options: dict | None = None) -> NncfProgram:
+    """The target's NNCF int8 program, from a fresh conversion of the encoder."""
+    ov_model, _ = convert(encoder.eval(), shape, normalize=spec.normalize_output)
+    return NncfProgram(ov_model, calib, method=method, percentile=percentile)
+
+
+def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[Path, str]:
+    """``nncf.quantize`` with every parameter at its default (NNCF's own range estimators)."""
+    import nncf
+
+    ov_model, _ = convert(encoder.eval(), shape)
+    batches = [np.ascontiguousarray(b) for b in calib.batches(layout="NCHW", batch_size=1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches))
+    out = save(q, work / "reference.int8.xml")
+    return out, "nncf.quantize defaults (performance preset, NNCF's default range estimators, fast bias correction)"
+
+
 def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
     """fp32 IR always (it is what int8 is made from); int8 through the quantize stage with NNCF."""
     ov_model, io = convert(encoder.eval(), shape, normalize=spec.normalize_output)
@@ -174,10 +197,10 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
     built = Built(candidates={}, format="openvino", io=io)
 
     def int8() -> Path:
-        def program(calib, method, percentile):
+        def make(calib, method, percentile):
             return NncfProgram(ov_model, calib, method=method, percentile=percentile)
 
-        res = quantize(program, work / "model.int8.xml")
+        res = quantize(make, work / "model.int8.xml")
         built.calibration_sha256, built.quantization = res.record["calibration_sha256"], res.record
         return res.path
 
@@ -213,6 +236,6 @@ BACKEND = Backend(
     runtime_modules={"openvino": ("openvino",)}, precisions=("fp32", "int8"),
     quantizers={"nncf": Quantizer("nncf", "NNCF post-training int8 (FakeQuantize, per-channel weights, bias "
                                           "correction)", METHODS, "minmax")},
-    build=build, export_text=export_text, runner=runner,
+    build=build, program=program, reference_int8=reference_int8, export_text=export_text, runner=runner,
     notes=("OpenVINO IR is two files: the .xml graph and the .bin weights beside it (both are listed in the manifest).",),
 )

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..config import EdgecConfig
 from ..manifest import atomic_write_json, atomic_write_text
-from .methods import BACKEND_METHODS, DEFAULT_METHODS
-from .run import BACKENDS, EvalSet
+from ..backends import get as get_backend
+from .run import BACKENDS, EvalSet, int8_targets
 
 SECTION = "quantize-compare"
 _MARK = re.compile(r"<!-- edgec-section: (?P<name>[\w-]+) -->\n.*?<!-- /edgec-section: (?P=name) -->\n?", re.DOTALL)
@@ -68,35 +68,6 @@ def keep_sections(old: str, new: str) -> str:
     return new.rstrip("\n") + "\n\n" + "\n".join(k.rstrip("\n") + "\n" for k in kept)
 
 
-# ---- default flows -------------------------------------------------------------------------------
-
-def onnx_default(fp32: Path, out: Path, calib) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{"pixels": b} for b in calib.batches(batch_size=1)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = out.with_name("pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), Reader())
-    return out
-
-
-def litert_default(model, shape_nchw, out: Path, calib, *, per_channel: bool = False) -> Path:
-    """litert-torch's PT2E route with its default config (per-tensor); ``per_channel``: android-tflite's form."""
-    from ..backends.litert import quantize_pt2e
-
-    n, c, h, w = shape_nchw
-    quantize_pt2e(model, (n, h, w, c), out, [b for b in calib.batches(layout="NHWC", batch_size=1)],
-                  per_channel=per_channel)
-    return out
-
-
 # ---- the comparison ------------------------------------------------------------------------------
 
 def _row(backend: str, flow: str, config: str, measured: dict, seconds: float) -> dict:
@@ -104,74 +75,47 @@ def _row(backend: str, flow: str, config: str, measured: dict, seconds: float) -
 
 
 def compare(model, preprocess, calib, evalset: EvalSet, backends=BACKENDS, *, percentile: float = 99.999,
-            log=print) -> list[dict]:
+            targets: tuple[str, ...] = (), log=print) -> list[dict]:
+    """Per backend: its vendor's default int8 flow (the record's ``reference_int8``), edgec's form of the main
+    target (the first of ``targets`` using the backend) with every calibration method its quantizer takes, and
+    every other target's form with its default method; each artifact measured in its target's runtime."""
+    import dataclasses
+
     from .run import make_program, measure
 
     h, w = preprocess.size
-    shape = (1, 3, h, w)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgec-compare-") as tmp:
         work = Path(tmp)
         for backend in backends:
+            record = get_backend(backend)
+            forms = int8_targets(backend, targets)
+            (main, spec), others = forms[0], forms[1:]
             bdir = work / backend
             bdir.mkdir()
-            t0 = time.time()
-            if backend == "onnx":
-                from ..backends.onnx import export
-
-                fp32 = bdir / "model.fp32.onnx"
-                export(model.encoder, shape, fp32, dynamic_batch=True)
-                path = onnx_default(fp32, bdir / "default.onnx", calib)
-                rows.append(_row(backend, "default", "onnxruntime quantize_static defaults: QDQ, U8S8, per-tensor, MinMax, "
-                                 "all op types", measure(path, backend, evalset), time.time() - t0))
-            elif backend == "litert":
-                path = litert_default(model, shape, bdir / "default.tflite", calib)
-                rows.append(_row(backend, "default", "litert-torch PT2E, get_symmetric_quantization_config() defaults "
-                                 "(per-tensor, histogram)", measure(path, backend, evalset), time.time() - t0))
-            else:
-                from .pt2e import Pt2eProgram
-
-                prog = Pt2eProgram(model, shape, [b[0] for b in calib.batches(batch_size=1)], method="histogram",
-                                   per_channel=False)
-                path = bdir / "default.pte"
-                prog.lower(path)
-                rows.append(_row(backend, "default", "XNNPACKQuantizer, get_symmetric_quantization_config() defaults "
-                                 "(per-tensor, histogram)", measure(path, backend, evalset), time.time() - t0))
-            log(f"compare: {backend} default: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
-            for method in BACKEND_METHODS[backend]:
+            if record.reference_int8 is not None:
                 t0 = time.time()
-                program, _ = make_program(backend, model, shape, calib, bdir, method=method, percentile=percentile,
-                                          log=log)
-                path = bdir / f"edgec-{method}{'.onnx' if backend == 'onnx' else '.tflite' if backend == 'litert' else '.pte'}"
-                if backend == "executorch":
-                    program.lower(path)
-                else:
-                    program.write(path)
-                desc = {"onnx": "symmetric S8S8 Q/DQ, per-channel, Conv/MatMul/Gemm",
-                        "litert": "ai-edge-quantizer static_wi8_ai8, fully integer",
-                        "executorch": "XNNPACKQuantizer per-channel"}[backend]
-                rows.append(_row(backend, "edgec", f"{desc}, {method}", measure(path, backend, evalset), time.time() - t0))
-                rows[-1]["method"] = method
-                log(f"compare: {backend} edgec {method}: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
-            if backend == "onnx":  # the cpu target's form (onnxruntime only): asymmetric uint8 activations
-                from .onnx_qdq import quantize_onnx
-
+                path, desc = record.reference_int8(model.encoder, (1, 3, h, w), calib, bdir)
+                ref_spec = dataclasses.replace(spec, runtime=record.runtimes[0])
+                rows.append(_row(backend, "default", desc, measure(path, ref_spec, evalset), time.time() - t0))
+                log(f"compare: {backend} default: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
+            quantizer = record.quantizer(spec.quantizer)
+            sweep = [(main, spec, m) for m in quantizer.methods]
+            sweep += [(name, other, record.quantizer(other.quantizer).default_method) for name, other in others]
+            for name, form, method in sweep:
                 t0 = time.time()
-                path = quantize_onnx(fp32, bdir / "edgec-asymmetric.onnx", calib, activations="asymmetric",
-                                     reduce_range=True, int8_chains=True).path
-                rows.append(_row(backend, "edgec", "cpu target (no device): asymmetric U8S7 Q/DQ, per-channel, int8 chains "
-                                 "through SiLU/residual adds/data movement, attention and LayerNorm float, minmax",
-                                 measure(path, backend, evalset), time.time() - t0))
-                rows[-1]["form"] = "cpu"
-                log(f"compare: onnx edgec asymmetric: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
-            if backend == "litert":  # the android-tflite target's form: PT2E, per-channel weights (not fully integer)
-                t0 = time.time()
-                path = litert_default(model, shape, bdir / "edgec-pt2e-per-channel.tflite", calib, per_channel=True)
-                rows.append(_row(backend, "edgec", "android-tflite target: litert-torch PT2E, per-channel int8 weights "
-                                 "(float islands; the edgetpu target needs the fully integer form above)",
-                                 measure(path, backend, evalset), time.time() - t0))
-                rows[-1]["form"] = "android-tflite"
-                log(f"compare: litert edgec PT2E per-channel: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
+                (bdir / f"{name}-{method}").mkdir()
+                program = make_program(backend, model, form, calib, bdir / f"{name}-{method}", method=method,
+                                       percentile=percentile)
+                path = bdir / f"edgec-{name}-{method}{record.suffix}"
+                program.write(path)
+                rows.append(_row(backend, "edgec", f"{name} target: {program.description}",
+                                 measure(path, form, evalset), time.time() - t0))
+                rows[-1].update(method=method, target=name,
+                                is_default=method == record.quantizer(form.quantizer).default_method)
+                if name != main:
+                    rows[-1]["form"] = name
+                log(f"compare: {backend} edgec {name} {method}: cosine vs float {rows[-1]['vs_float']['cosine_mean']:.5f}")
     return rows
 
 
@@ -197,9 +141,6 @@ def best_methods(rows: list[dict]) -> dict[str, str]:
     return {b: m for b, (_, m) in best.items()}
 
 
-MAIN_FORM = {"onnx": ", jetson's symmetric TensorRT form", "litert": ", edgetpu's fully integer form"}
-
-
 def markdown(rows: list[dict], *, model_name: str, images: int, calib_images: int, calib_sha: str,
              float_model: dict | None = None) -> str:
     def f(v, nd=4):
@@ -223,7 +164,7 @@ def markdown(rows: list[dict], *, model_name: str, images: int, calib_images: in
     for r in rows:
         m, t = r["vs_float"], r.get("vs_teacher", {})
         config = r["config"]
-        if r["flow"] == "edgec" and DEFAULT_METHODS.get(r["backend"]) == r.get("method"):
+        if r["flow"] == "edgec" and r.get("is_default") and "form" not in r:
             config = f"**{config}**"
         lines.append(f"| {r['backend']} | {r['flow']} | {config} | {f(m['cosine_mean'], 5)} ({f(m['cosine_p1'])}) | "
                      f"{f(m.get('agreement'))} | {f(m.get('agreement_float'))} | {f(t.get('cosine_mean'))} | "
@@ -231,12 +172,12 @@ def markdown(rows: list[dict], *, model_name: str, images: int, calib_images: in
     lines.append("")
     for backend in dict.fromkeys(r["backend"] for r in rows):
         default = next(r for r in rows if r["backend"] == backend and r["flow"] == "default")
-        ours = next((r for r in rows if r["backend"] == backend and r.get("method") == DEFAULT_METHODS[backend]), None)
+        ours = next((r for r in rows if r["backend"] == backend and r.get("is_default") and "form" not in r), None)
         if ours is None:
             continue
         d, o = default["vs_float"]["cosine_mean"], ours["vs_float"]["cosine_mean"]
         verdict = "at least as close to the float model as" if o >= d else "**less close** to the float model than"
-        lines.append(f"- {backend}: edgec ({DEFAULT_METHODS[backend]}{MAIN_FORM.get(backend, '')}) is {verdict} the default flow "
+        lines.append(f"- {backend}: edgec ({ours['method']}, the {ours['target']} target's form) is {verdict} the default flow "
                      f"(cosine {o:.5f} vs {d:.5f}); best measured method: {best.get(backend)}.")
         for form in (r for r in rows if r["backend"] == backend and "form" in r):
             c = form["vs_float"]["cosine_mean"]
@@ -257,7 +198,8 @@ def compare_from_config(cfg: EdgecConfig, *, backends=BACKENDS, out: Path | None
     calib = load_calibration(config.calibration, preprocess)
     check_finite(model, list(calib.batches(batch_size=16)))
     evalset = eval_set(config, model, preprocess, calib)
-    rows = compare(model, preprocess, calib, evalset, backends, percentile=config.percentile, log=log)
+    rows = compare(model, preprocess, calib, evalset, backends, percentile=config.percentile, targets=config.targets,
+                   log=log)
     float_model = float_metrics(evalset)
     md = markdown(rows, model_name=name, images=len(evalset.x), calib_images=len(calib), calib_sha=calib.sha256,
                   float_model=float_model)
@@ -272,7 +214,7 @@ def compare_from_config(cfg: EdgecConfig, *, backends=BACKENDS, out: Path | None
     return {"rows": rows, "best_methods": best_methods(rows), "markdown": md, "out": str(config.out)}
 
 
-__all__ = ["compare", "compare_from_config", "keep_sections", "litert_default", "onnx_default", "write_section"]
+__all__ = ["compare", "compare_from_config", "keep_sections", "write_section"]
 
 
 FALLBACK_SECTION = "quantize-fallback"

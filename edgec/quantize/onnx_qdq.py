@@ -124,11 +124,14 @@ class QdqQuantizer:
         self.collector = collect_ranges(run_all, lambda: calib.batches(batch_size=batch_size))
         self.amax = self.collector.amax(method, percentile)
         self.bounds = self.collector.bounds(method, percentile)
-        # quantizable nodes in execution order, with their weight sizes (what keeping them in float costs)
+        # quantizable nodes in execution order, with their weight sizes (what keeping them in float costs); with
+        # int8 chains the activations and residual adds are layers too: the fallback can keep them float where
+        # the error lives (data movement only carries an int8 tensor along and is not a layer)
         inits = {i.name: i for i in model.graph.initializer}
+        layer_types = set(op_types) | ({"Sigmoid", "Mul", "Add"} & set(self.op_types) if int8_chains else set())
         self.layers: list[dict] = []
         for node in model.graph.node:
-            if node.op_type in op_types and node.name not in self.always_float:
+            if node.op_type in layer_types and node.name not in self.always_float:
                 params = sum(int(np.prod(inits[i].dims)) for i in node.input if i in inits)
                 self.layers.append({"name": node.name, "op": node.op_type, "params": params})
 

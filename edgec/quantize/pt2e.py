@@ -249,6 +249,14 @@ class Pt2eProgram:
 
         return run
 
+    def ranges_summary(self) -> dict:
+        return {"observer": "torch HistogramObserver (the quantizer's default)" if self.method == "histogram"
+                else f"edgec RangeObserver ({self.method})", "per_channel_weights": True}
+
+    def sensitivity_kwargs(self, images: int) -> dict:
+        """Every isolated-layer program is calibrated again: a subset of the images keeps ranking affordable."""
+        return {"batches": self.batches[:images]}
+
     def lower(self, out: Path, keep_float=frozenset()) -> dict:
         """Write the int8 ``.pte`` (XNNPACK delegate); returns the delegation report."""
         from ..backends.executorch import lower

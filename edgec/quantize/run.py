@@ -5,11 +5,10 @@
 ranges summary, fallback layers and their cost, metrics of the artifact run in its runtime),
 ``sensitivity.json`` and ``sensitivity.png``.
 
-Backends and what "quantized" means for each:
-
-* ``onnx``: symmetric int8 Q/DQ (TensorRT's explicit form, per-channel weights), onnxruntime;
-* ``litert``: fully integer TFLite from ai-edge-quantizer ``static_wi8_ai8`` (NHWC input), LiteRT;
-* ``executorch``: PT2E ``XNNPACKQuantizer`` (per-channel weights) lowered to an XNNPACK ``.pte``.
+Each backend is measured in the form a target ships (the first of ``[targets] build`` that uses it
+and builds int8, else the first registered one): the program comes from the backend record's
+``program`` function, exactly as compile's quantize stage builds it (:mod:`edgec.quantize.stage`),
+and runs in that target's runtime. Nothing here names a backend.
 
 Metrics (see :mod:`edgec.quantize.sensitivity` for the tolerance rule): cosine between the int8
 artifact's and the float model's embeddings, zero-shot agreement with the teacher on the golden
@@ -31,11 +30,9 @@ from ..config import EdgecConfig, ModelSection
 from ..errors import GateFailed, InputError
 from ..manifest import atomic_write_bytes, atomic_write_json, file_record, package_versions, staged_dir
 from .calibration import CalibrationSpec
-from .methods import BACKEND_METHODS, method_for
+from ..backends import MODULES as BACKENDS
+from ..backends import get as get_backend
 
-BACKENDS = ("onnx", "litert", "executorch")
-RUNTIMES = {"onnx": "onnxruntime", "litert": "litert", "executorch": "executorch"}
-FILES = {"onnx": "model.int8.onnx", "litert": "model.int8.tflite", "executorch": "model.int8.pte"}
 SCHEMA = 1
 EDGE_TPU_NOTE = ("on an Edge TPU a float op is not mapped: the compiler stops at the first op it cannot run, and that "
                  "op and every op after it run on the CPU; the edgetpu target refuses float ops and fails its build")
@@ -50,7 +47,8 @@ class QuantizeConfig:
     student: Path | None = None  # a distilled student folder (edgec_student.json)
     golden: Path | None = None  # agreement with the teacher needs it; without it only cosine vs float is measured
     backends: tuple[str, ...] = BACKENDS
-    method: str | None = None  # None or 'auto': DEFAULT_METHODS per backend; else used where the backend takes it
+    targets: tuple[str, ...] = ()  # targets whose int8 forms are preferred (edgec.toml's [targets] build)
+    method: str | None = None  # None or 'auto': each form's quantizer default; else used where the quantizer takes it
     percentile: float = 99.999
     tolerance: float | None = None
     max_fallback: int = 16  # at most this many layers tried in float
@@ -69,16 +67,21 @@ class QuantizeConfig:
                              hint=f"one of {', '.join(BACKENDS)} or all")
         if self.method not in (None, "auto") and self.strict_method:
             for b in self.backends:
-                if self.method not in BACKEND_METHODS[b]:
-                    raise InputError(f"the {b} backend does not take calibration method {self.method!r}",
-                                     hint=f"{b} takes {', '.join(BACKEND_METHODS[b])}")
+                name, spec = self.target_for(b)
+                get_backend(b).method(spec.quantizer, self.method, where=f"{b} (the {name} target's form): ")
         if self.tolerance is not None and not 0 <= self.tolerance < 1:
             raise InputError(f"tolerance must be in [0, 1), got {self.tolerance}")
         if self.max_fallback < 1 or self.eval_images < 1 or self.sensitivity_calibration < 1:
             raise InputError("max_fallback, eval_images and sensitivity_calibration must be at least 1")
 
+    def target_for(self, backend: str):
+        """(name, spec) of the target whose int8 form ``backend`` is measured in."""
+        return int8_targets(backend, self.targets)[0]
+
     def method_for(self, backend: str) -> str:
-        return method_for(backend, self.method)
+        """The configured method where the target's quantizer takes it, else its default (auto)."""
+        quantizer = get_backend(backend).quantizer(self.target_for(backend)[1].quantizer)
+        return self.method if self.method in quantizer.methods else quantizer.default_method
 
 
 @dataclass
@@ -91,6 +94,18 @@ class QuantizeOutputs:
     @property
     def tolerance_met(self) -> bool:
         return all((m.get("fallback") or {}).get("met", True) for m in self.manifests.values())
+
+
+def int8_targets(backend: str, preferred: tuple[str, ...] = ()) -> list[tuple[str, object]]:
+    """Every registered target that builds int8 with ``backend``, as (name, spec): ``preferred`` ones first."""
+    from .. import registry
+
+    entries = registry.entries("targets")
+    names = list(dict.fromkeys([t for t in preferred if t in entries] + sorted(entries)))
+    found = [(n, entries[n].spec) for n in names if entries[n].spec.backend == backend and "int8" in entries[n].spec.precisions]
+    if not found:
+        raise InputError(f"no target builds int8 with the {backend} backend", hint="add one to targets/")
+    return found
 
 
 def load_source(config: QuantizeConfig):
@@ -176,47 +191,29 @@ def eval_set(config: QuantizeConfig, model, preprocess, calib) -> EvalSet:
     return EvalSet(x, ref, golden, text, pred)
 
 
-def make_program(backend: str, model, shape, calib, work: Path, *, method: str, percentile: float, log):
-    """The backend's quantizable program (float artifact exported into ``work`` where the backend needs one)."""
-    if backend == "onnx":
-        from ..backends.onnx import export
-        from .sensitivity import OnnxProgram
-
-        fp32 = work / "model.fp32.onnx"
-        export(model.encoder, shape, fp32, dynamic_batch=True)
-        return OnnxProgram(fp32, calib, method=method, percentile=percentile), fp32
-    if backend == "litert":
-        from ..backends.litert import export
-        from .sensitivity import LiteRTProgram
-
-        n, c, h, w = shape
-        fp32 = work / "model.fp32.tflite"
-        export(model.encoder, (n, h, w, c), fp32, layout="NHWC")
-        return LiteRTProgram(fp32, list(calib.batches(layout="NHWC", batch_size=1))), fp32
-    from .pt2e import Pt2eProgram
-
-    return Pt2eProgram(model, shape, [b[0] for b in calib.batches(batch_size=1)], method=method,
-                       percentile=percentile), None
+def make_program(backend: str, model, spec, calib, work: Path, *, method: str, percentile: float):
+    """The backend's quantizable program in ``spec``'s form (the record's ``program``, as compile builds it)."""
+    h, w = calib.preprocess.size if hasattr(calib, "preprocess") else (None, None)
+    shape = (1, 3, h, w) if spec.layout == "NCHW" else (1, h, w, 3)
+    return get_backend(backend).program(model.encoder, shape, spec, calib, method, percentile, work, {})
 
 
-def write_artifact(backend: str, program, out: Path, keep_float=frozenset()) -> dict | None:
-    """The shipped program; returns the ExecuTorch delegation report (None for the others)."""
-    if backend == "executorch":
-        return program.lower(out, keep_float)
+def write_artifact(program, out: Path, keep_float=frozenset()) -> dict | None:
+    """The shipped program; returns the delegation report where the backend makes one (else None)."""
     program.write(out, keep_float)
-    return None
+    return getattr(program, "report", None)
 
 
-def measure(path: Path, backend: str, evalset: EvalSet, *, timing: bool = True) -> dict:
-    """The artifact in its own runtime: metrics vs the float model and vs the teacher, size, latency."""
+def measure(path: Path, spec, evalset: EvalSet, *, timing: bool = True) -> dict:
+    """The artifact in its target's runtime: metrics vs the float model and vs the teacher, size, latency."""
     from ..bench import measure_artifact
     from ..runtime.runners import open_runner
     from .sensitivity import Evaluator
 
-    runtime = RUNTIMES[backend]
-    x = evalset.x.transpose(0, 2, 3, 1) if backend == "litert" else evalset.x
-    # accuracy of the onnx backend's (TensorRT) form with Q/DQ as written: the same on every host ISA
-    emb = open_runner(path, runtime, kernels="reference")(np.ascontiguousarray(x))
+    runtime = spec.runtime
+    x = evalset.x.transpose(0, 2, 3, 1) if spec.layout == "NHWC" else evalset.x
+    # the runner decides the kernels: a TensorRT program on this CPU runs with Q/DQ as written (ISA-independent)
+    emb = open_runner(path, runtime)(np.ascontiguousarray(x))
     m = Evaluator(evalset.x, evalset.reference, evalset.text, evalset.teacher_pred).metrics(emb)
     result = {"runtime": runtime, "bytes": path.stat().st_size, "vs_float": m}
     if evalset.golden is not None:
@@ -229,22 +226,9 @@ def measure(path: Path, backend: str, evalset: EvalSet, *, timing: bool = True) 
     return result
 
 
-def ranges_summary(backend: str, program) -> dict:
-    """How many activation tensors got a range, and how much the method clipped against min-max."""
-    if backend == "onnx":
-        amax, top = program.qdq.amax, program.qdq.collector.max
-        clipped = [n for n, a in amax.items() if a < top.get(n, a) * 0.999]
-        vals = np.array(list(amax.values()) or [0.0])
-        return {"tensors": len(amax), "clipped_below_minmax": len(clipped), "amax_min": float(vals.min()),
-                "amax_median": float(np.median(vals)), "amax_max": float(vals.max())}
-    if backend == "litert":
-        vals = [float(np.max(np.abs(np.concatenate([np.ravel(v["min"]), np.ravel(v["max"])]))))
-                for v in program.qsv.values() if "min" in v and "max" in v]
-        vals = np.array(vals or [0.0])
-        return {"tensors": len(program.qsv), "amax_min": float(vals.min()), "amax_median": float(np.median(vals)),
-                "amax_max": float(vals.max()), "note": "ai-edge-quantizer min/max calibration"}
-    return {"observer": "torch HistogramObserver (XNNPACK default)" if program.method == "histogram"
-            else f"edgec RangeObserver ({program.method})", "per_channel_weights": True}
+def ranges_summary(program) -> dict:
+    """How many activation tensors got a range and how much the method clipped, as the program reports it."""
+    return program.ranges_summary() if hasattr(program, "ranges_summary") else {}
 
 
 def plot_sensitivity(path: Path, ranking: list[dict], layers: list[dict], fallback: set[str], title: str) -> None:
@@ -282,19 +266,22 @@ def quantize_backend(backend: str, config: QuantizeConfig, model, preprocess, ca
     from .sensitivity import fallback_search, rank_layers
 
     t0 = time.time()
+    record = get_backend(backend)
+    target, spec = config.target_for(backend)
+    quantizer = record.quantizer(spec.quantizer)
     method = config.method_for(backend)
     h, w = preprocess.size
-    shape = (1, 3, h, w)
+    shape = (1, 3, h, w) if spec.layout == "NCHW" else (1, h, w, 3)
     folder = config.out / backend
     with staged_dir(folder) as tmp, tempfile.TemporaryDirectory(prefix="edgec-quantize-") as work_dir:
         work = Path(work_dir)
-        program, _ = make_program(backend, model, shape, calib, work, method=method, percentile=config.percentile,
-                                  log=log)
-        log(f"{backend}: {len(program.layers)} quantizable layers, {method} ranges from {len(calib)} calibration images")
+        program = make_program(backend, model, spec, calib, work, method=method, percentile=config.percentile)
+        log(f"{backend}: {target}'s form ({program.description}), {len(program.layers)} quantizable layers, "
+            f"{len(calib)} calibration images")
         small = evalset.evaluator(config.eval_images)
-        kwargs = {}
-        if backend == "executorch":  # every isolated-layer program is calibrated again: a subset keeps it affordable
-            kwargs["batches"] = program.batches[: config.sensitivity_calibration]
+        # programs calibrated again for every isolated layer (PT2E) rank on a subset of the images
+        kwargs = program.sensitivity_kwargs(config.sensitivity_calibration) \
+            if hasattr(program, "sensitivity_kwargs") else {}
         ranking = rank_layers(program, small, log=lambda s: log(f"{backend}: {s}"), **kwargs) \
             if config.sensitivity or config.tolerance is not None else []
         fallback = None
@@ -303,9 +290,9 @@ def quantize_backend(backend: str, config: QuantizeConfig, model, preprocess, ca
             fallback = fallback_search(program, small, ranking, config.tolerance, max_layers=config.max_fallback,
                                        log=lambda s: log(f"{backend}: {s}"))
             keep = frozenset(la["name"] for la in fallback["float_layers"])
-        artifact = tmp / FILES[backend]
-        delegation = write_artifact(backend, program, artifact, keep)
-        measured = measure(artifact, backend, evalset)
+        artifact = tmp / f"model.int8{record.suffix}"
+        delegation = write_artifact(program, artifact, keep)
+        measured = measure(artifact, spec, evalset)
         log(f"{backend}: {artifact.name} ({measured['bytes'] / 1e6:.2f} MB, {measured['median_ms']:.2f} ms): cosine vs float "
             f"{measured['vs_float']['cosine_mean']:.5f}" + (f", agreement {measured['vs_float']['agreement']:.4f}"
                                                           if "agreement" in measured["vs_float"] else ""))
@@ -315,15 +302,15 @@ def quantize_backend(backend: str, config: QuantizeConfig, model, preprocess, ca
                                     f"searched on {len(small.x)} golden images, final metrics on all")
             if keep:
                 all_int8 = work / ("all-int8" + artifact.suffix)
-                write_artifact(backend, program, all_int8)
-                base = measure(all_int8, backend, evalset)
+                write_artifact(program, all_int8)
+                base = measure(all_int8, spec, evalset)
                 fallback["cost"] = {"bytes": measured["bytes"] - base["bytes"],
                                     "median_ms": round(measured["median_ms"] - base["median_ms"], 4),
                                     "cosine_mean": measured["vs_float"]["cosine_mean"] - base["vs_float"]["cosine_mean"],
                                     "agreement": (measured["vs_float"].get("agreement", np.nan)
                                                   - base["vs_float"].get("agreement", np.nan)),
                                     "all_int8": base}
-            if backend == "litert" and keep:
+            if quantizer.fully_integer and keep:
                 fallback["edge_tpu"] = EDGE_TPU_NOTE
             log(f"{backend}: tolerance {config.tolerance:g} " + ("met" if fallback["met"] else "NOT met")
                 + f" with {len(keep)} float layer(s)" + (f": {', '.join(la['label'] for la in fallback['float_layers'])}"
@@ -336,35 +323,31 @@ def quantize_backend(backend: str, config: QuantizeConfig, model, preprocess, ca
         if ranking:
             plot_sensitivity(tmp / "sensitivity.png", ranking, program.layers, set(keep),
                              f"{model_name} {backend} ({method})")
-        io_records = None
-        if backend == "litert":
-            from ..backends.litert import tensor_records
-
-            io_records = tensor_records(artifact, normalized=True)
+        io = {"inputs": [{"name": "pixels", "shape": list(shape), "dtype": "float32", "quantization": None}],
+              "outputs": []}
+        io_records = record.io_records(artifact, io, spec) if record.io_records else io
         manifest = {
             "schema": SCHEMA,
             "stage": "quantize",
             "backend": backend,
+            "target": target,
+            "quantizer": quantizer.name,
+            "form": program.description,
             "model": model_name,
-            "artifacts": [file_record(artifact, tmp, format=artifact.suffix[1:], runtime=RUNTIMES[backend],
-                                      precision="int8")],
-            "inputs": [dict(r, preprocess=dataclasses.replace(preprocess, layout="NHWC").to_json())
-                       for r in io_records["inputs"]] if io_records else
-                      [{"name": "pixels", "shape": list(shape), "dtype": "float32", "quantization": None,
-                        "preprocess": preprocess.to_json()}],
+            "artifacts": [file_record(artifact, tmp, format=record.format, runtime=spec.runtime, precision="int8")],
+            "inputs": [dict(r, preprocess=dataclasses.replace(preprocess, layout=spec.layout).to_json())
+                       for r in io_records["inputs"]],
             "calibration": {"sha256": calib.sha256, "images": len(calib), "source": str(config.calibration.source),
                             "method": method, "percentile": config.percentile if method == "percentile" else None,
                             "skipped": [str(p) for p, _ in calib.skipped]},
-            "ranges": ranges_summary(backend, program),
+            "ranges": ranges_summary(program),
             "layers": {"quantizable": len(program.layers), "float": sorted(keep)},
             "fallback": fallback,
             "metrics": measured,
             "delegation": delegation,
             "sources": {**sources, "calibration": calib.sha256,
                         "golden": (evalset.golden.meta.get("npz_sha256") if evalset.golden is not None else None)},
-            "versions": package_versions("torch", *{"onnx": ("onnx", "onnxruntime"),
-                                                    "litert": ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
-                                                    "executorch": ("executorch", "torchao")}[backend]),
+            "versions": package_versions("torch", *record.packages),
             "seconds": round(time.time() - t0, 1),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -418,6 +401,7 @@ def config_from_edgec(cfg: EdgecConfig, *, backends: tuple[str, ...] = BACKENDS,
     qcfg = QuantizeConfig(out=out or build / "quantize", teacher=teacher, calibration=calibration,
                           source="teacher" if no_distill else "student", student=student_dir,
                           golden=golden if (golden / "golden.json").is_file() else None, backends=tuple(backends),
+                          targets=tuple(cfg.targets.build),
                           method=method or cfg.quantize.method, strict_method=method is not None,
                           percentile=cfg.quantize.percentile,
                           tolerance=tolerance if tolerance is not None else cfg.quantize.tolerance, **overrides)

@@ -32,6 +32,8 @@ def test_quantize_writes_one_folder_per_backend(project):
                                                         "sensitivity.png"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["stage"] == "quantize" and manifest["backend"] == "onnx"
+    # measured in the form the cpu target ([targets] build) ships: asymmetric uint8 activations, as compile builds it
+    assert manifest["target"] == "cpu" and manifest["quantizer"] == "qdq-asymmetric" and "asymmetric" in manifest["form"]
     (art,) = manifest["artifacts"]
     assert art["path"] == "model.int8.onnx" and art["precision"] == "int8" and art["bytes"] == (folder / art["path"]).stat().st_size
     cal = manifest["calibration"]
@@ -116,9 +118,13 @@ def test_unknown_backend_and_method_are_exit_2(project):
     config, _ = project
     result = runner.invoke(app, ["quantize", "--config", str(config), "--no-distill", "--backend", "tensorrt"])
     assert result.exit_code == 2 and "unknown backend" in result.output
-    result = runner.invoke(app, ["quantize", "--config", str(config), "--no-distill", "--backend", "litert",
+    # the litert backend measured in edgetpu's fully integer form (ai-edge-quantizer: min/max ranges only)
+    edgetpu = config.parent / "edgetpu.toml"
+    edgetpu.write_text(config.read_text().replace("[targets]\n", '[targets]\nbuild = ["edgetpu"]\n', 1))
+    result = runner.invoke(app, ["quantize", "--config", str(edgetpu), "--no-distill", "--backend", "litert",
                                  "--method", "entropy"])
-    assert result.exit_code == 2 and "litert takes minmax" in result.output
+    assert result.exit_code == 2 and "does not take calibration method 'entropy'" in result.output
+    assert "edgetpu target's form" in result.output and "it takes minmax" in result.output
 
 
 def test_benchmarks_section_survives_a_rewrite(tmp_path: Path):

@@ -184,11 +184,14 @@ def test_pt2e_program_lowers_to_a_pte_measured_in_the_executorch_runtime(damaged
     program = Pt2eProgram(model, (1, 3, SIZE, SIZE), list(images(4, 0)), method="histogram")
     ev = evaluator(damaged_c2, 8)
     pte = tmp_path / "model.int8.pte"
-    delegation = write_artifact("executorch", program, pte, frozenset({"encoder.c2"}))
+    from edgec import registry
+
+    delegation = write_artifact(program, pte, frozenset({"encoder.c2"}))
     assert delegation["delegated_subgraphs"] >= 1
-    measured = measure(pte, "executorch", EvalSet(ev.x, ev.reference, None, None, None), timing=False)
+    android = registry.get("targets", "android").spec  # an ExecuTorch target: its runtime and layout
+    measured = measure(pte, android, EvalSet(ev.x, ev.reference, None, None, None), timing=False)
     # c2 kept in float; its input is c1's int8 conv output, which XNNPACK keeps int8 (crushed channels stay crushed)
     assert measured["runtime"] == "executorch" and measured["bytes"] == pte.stat().st_size
     in_torch = ev(program.runner(keep_float=frozenset({"encoder.c2"})))["cosine_mean"]
     assert measured["vs_float"]["cosine_mean"] == pytest.approx(in_torch, abs=0.02)  # ranking in torch == the .pte
-    assert ranges_summary("executorch", program)["observer"].startswith("torch HistogramObserver")
+    assert ranges_summary(program)["observer"].startswith("torch HistogramObserver")
