@@ -4,6 +4,7 @@ raw tensors checked in LiteRT; a wrong expected output fails verify."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_pte_ships_as_an_executorch_bundled_program(pte_build, tmp_path):
     assert result.exit_code == 1 and "bundled executorch-bundled-program check failed on 8 of 8" in result.stderr
 
 
-def test_tflite_ships_raw_tensors_with_an_adb_recipe(tflite_build, tmp_path):
+def test_tflite_ships_raw_tensors_with_an_adb_recipe(tflite_build, torch_free_venv, tmp_path):
     rec = make(tflite_build, "android-tflite", tmp_path / "b")
     (entry,) = rec["phone"]
     folder = tmp_path / "b" / entry["folder"]
@@ -74,6 +75,12 @@ def test_tflite_ships_raw_tensors_with_an_adb_recipe(tflite_build, tmp_path):
     assert result.exit_code == 0, result.output
     (check,) = json.loads(result.stdout)["phone"]
     assert check["passed"] and check["max_abs_diff"] == 0.0
+    # the same bundle in edgec's base install (no torch), as on a device
+    proc = subprocess.run([torch_free_venv / "edgec", "verify", str(tmp_path / "b"), "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    device = json.loads(proc.stdout)
+    assert device["host_comparison"]["same"] and device["phone"][0]["passed"] and "torch" not in device["machine"]["runtimes"]
     wrong = np.fromfile(folder / "expected_3.raw", dtype=tensors["output"]["dtype"])
     (wrong // 2).astype(wrong.dtype).tofile(folder / "expected_3.raw")
     rehash(tmp_path / "b", f"{entry['folder']}/expected_3.raw")
