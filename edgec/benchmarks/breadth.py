@@ -162,10 +162,11 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
             cell["delegated_share"] = deleg.get("delegated_share")
         code, stdout, error, vsecs = edgec("verify", str(out), "--json", cwd=folder)
         cell.update({"verify_exit": code, "verify_s": round(vsecs)})
-        try:
-            report = json.loads(stdout)
-            cell["cosine"] = report["results"][0]["metrics"]["cosine_mean"] if "results" in report else None
-        except (json.JSONDecodeError, KeyError, IndexError):
+        try:  # verify.json is written before a failed gate stops verify
+            report = json.loads((out / "verify.json").read_text())
+            cell["cosine"] = report["results"][0]["metrics"]["cosine_mean"]
+            cell["agreement"] = report["results"][0]["metrics"].get("agreement")
+        except (OSError, json.JSONDecodeError, KeyError, IndexError):
             pass
         if code != 0:
             cell["error"] = error
@@ -202,12 +203,14 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
                          f"{c['build_s']} s", f"{c['mb']} MB"]
                 if c.get("cosine") is not None:
                     parts.append(f"cos {c['cosine']:.4f}")
+                if c.get("agreement") is not None:
+                    parts.append(f"agreement {c['agreement']:.4f}")
                 if "mapped_share" in c:
                     parts.append(f"TPU {c['mapped_share']:.1%}" + (f" (first off: {c['first_unmapped']})" if c.get("first_unmapped") else ""))
                 if "delegated_share" in c:
                     parts.append(f"XNNPACK {c['delegated_share']:.1%}")
                 if c["verify_exit"] != 0 and c.get("error"):
-                    parts.append(c["error"].removeprefix("error: "))
+                    parts.append(c["error"].removeprefix("error: ").split(" (details in ")[0])
                 cells.append(", ".join(parts))
         out.append(f"| {r['model']} | {macs} | " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     return "\n".join(out) + "\n"
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgec-bench-breadth"))
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--fresh", action="store_true", help="remove the work folder first")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the section from the work folder's results "
+                                                               "(and each target's verify.json) without running anything")
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
@@ -227,6 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown model {unknown[0]!r}; known: {', '.join(MODELS)}", file=sys.stderr)
         return 2
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if a.table_only:
+        from ..quantize.compare import write_section
+
+        rows = json.loads((a.work / "results.json").read_text())
+        for r in rows:
+            folder = a.work / r["model"].replace(" ", "_").replace("(", "").replace(")", "")
+            for t, c in r["targets"].items():
+                try:
+                    m = json.loads((folder / "build" / t / "verify.json").read_text())["results"][0]["metrics"]
+                    c["cosine"], c["agreement"] = m["cosine_mean"], m.get("agreement")
+                except (OSError, json.JSONDecodeError, KeyError, IndexError):
+                    pass
+        write_section(a.benchmarks, SECTION, markdown(rows, targets, f"{os.cpu_count()} cores, torch threads default"))
+        return 0
     if a.fresh:
         shutil.rmtree(a.work, ignore_errors=True)
     data = a.work / "data"
