@@ -73,6 +73,7 @@ class _ErrorConsole:
     def print(self, text: str, markup: bool = False) -> None:
         stream = _state["stderr"] or sys.stderr
         Console(file=stream, highlight=False, soft_wrap=True).print(text, markup=markup)
+        stream.flush()
 
 
 out = Console(highlight=False, soft_wrap=True)
@@ -190,7 +191,24 @@ def _capture_output(ctx: typer.Context, verbose: bool) -> None:
     logging.captureWarnings(True)
     saved_lastresort = logging.lastResort
     logging.lastResort = None  # records without a handler must not reach the real stderr
-    _state["stderr"] = real
+    terminal, saved_fd = real, None
+    if not verbose and _state["log"] is not None and _is_fd(real, 2):
+        # what native code (C++ runtimes, compilers) writes to file descriptor 2 goes to the log too;
+        # edgec's own line goes to a copy of the original descriptor
+        try:
+            real.flush()
+            saved_fd = os.dup(2)
+            log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+            terminal = os.fdopen(os.dup(saved_fd), "w", encoding=getattr(real, "encoding", None) or "utf-8",
+                                 errors="backslashreplace", buffering=1)
+        except OSError:
+            if saved_fd is not None:
+                os.dup2(saved_fd, 2)
+                os.close(saved_fd)
+            terminal, saved_fd = real, None
+    _state["stderr"] = terminal
     captured = logging.getLogger("edgec.stderr")  # written to sys.stderr by a library: the log file only,
     captured.propagate = False                     # echoed as it was with --verbose
     for h in handlers[:1] if _state["log"] else ():
@@ -200,6 +218,11 @@ def _capture_output(ctx: typer.Context, verbose: bool) -> None:
 
     def restore() -> None:
         sys.stderr = real
+        if saved_fd is not None:
+            terminal.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            terminal.close()
         for h in list(captured.handlers):
             captured.removeHandler(h)
         _state["stderr"] = None
@@ -211,6 +234,13 @@ def _capture_output(ctx: typer.Context, verbose: bool) -> None:
             h.close()
 
     ctx.call_on_close(restore)
+
+
+def _is_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # CliRunner's and pytest's streams have none
+        return False
 
 
 def _fail(code: int, line: str, *, as_json: bool = False, payload: dict | None = None,

@@ -106,6 +106,7 @@ def test_library_warnings_go_to_the_log_unless_verbose(tmp_path):
         "    warnings.warn('a library UserWarning', UserWarning)\n"
         "    logging.warning('a root WARNING record')\n"
         "    print('W1201 raw stderr chatter', file=sys.stderr)\n"
+        "    import os; os.write(2, b'[W:native] C++ chatter on fd 2\\n')\n"
         "    from edgec.errors import InputError\n"
         "    raise InputError('the real problem')\n"
         "r.entries = noisy\n"
@@ -117,7 +118,7 @@ def test_library_warnings_go_to_the_log_unless_verbose(tmp_path):
     quiet = subprocess.run([sys.executable, "-c", code, "targets"], capture_output=True, text=True, env=env, timeout=120)
     assert quiet.returncode == 2 and quiet.stderr == "error: the real problem\n", quiet.stderr
     log = (tmp_path / "edgec.log").read_text()
-    for text in ("a library UserWarning", "a root WARNING record", "W1201 raw stderr chatter"):
+    for text in ("a library UserWarning", "a root WARNING record", "W1201 raw stderr chatter", "C++ chatter on fd 2"):
         assert text in log
     loud = subprocess.run([sys.executable, "-c", code, "--verbose", "targets"], capture_output=True, text=True, env=env,
                           timeout=120)
