@@ -495,9 +495,20 @@ def _regated(config: CompileConfig, key: str, log) -> dict | None:
             raise GateFailed(f"target {config.target}: no candidate precision passes the gates {gates} "
                              f"(recorded candidate metrics; the inputs are unchanged)",
                              hint=f"see 'selection' in {path}; distil longer or relax the gates")
-        if _choose(passing) != selection.get("chosen"):
+        if any(r.get("median_ms") is None for r in passing) or _choose(passing) != selection.get("chosen"):
             return None
         manifest["selection"] = dict(selection, candidates=rows)
+        # the lock's decision is keyed by the gates too: the same choice, recorded under the new ones
+        from .lock import DecisionLock
+
+        lockfile = DecisionLock(config.lock, locked=config.locked)
+        inputs = sha256_json({"inputs": build["inputs_key"], "gates": gates})
+        if lockfile.get(config.target, "precision", inputs) is None:  # --locked raises here: the lock would change
+            lockfile.put(config.target, "precision", inputs, {
+                "chosen": selection["chosen"], "gates": gates,
+                "candidates": [{"precision": r["precision"], "median_ms": r.get("median_ms"), "passed": r["passed"]}
+                               for r in rows]})
+            lockfile.save(log)
     manifest["gates"] = gates
     manifest["build"] = dict(build, cache_key=key)
     atomic_write_json(path, manifest)
