@@ -539,6 +539,12 @@ CASES = [
     Case("bench-teacher-config-without-model", lambda c: ["bench", str(c.proj / "build" / "cpu"), "--runs", "1",
                                                          "--teacher", str(_write(c.dir / "t.toml", "version = 1\n"))],
          needle="[model]"),
+    Case("report-verify-json-damaged", lambda c: ["report", str(_with_file(c, "verify.json", "{")),
+                                                  "--html", str(c.dir / "r.html")], needle="verify.json"),
+    Case("report-verify-json-wrong-shape", lambda c: ["report", str(_with_file(c, "verify.json", '{"results": 3}')),
+                                                      "--html", str(c.dir / "r.html")], needle="verify.json"),
+    Case("report-bench-json-damaged", lambda c: ["report", str(_with_file(c, "bench.json", "[1, 2]")),
+                                                 "--html", str(c.dir / "r.html")], needle="bench.json"),
     Case("report-folder-missing", _argv("report", "{dir}/nope", "--html", "{dir}/r.html"), needle="nope"),
     Case("report-not-verified", lambda c: ["report", str(_unverified(c)), "--html", str(c.dir / "r.html")],
          needle="verified"),
@@ -553,6 +559,13 @@ CASES = [
     Case("compile-out-is-a-file", lambda c: [*COMPILE, "--config", str(c.proj / "edgec.toml"), "--out",
                                             str(c.folder("o", {"f": b""}) / "f")], needle="f"),
 ]
+
+
+def _with_file(c: Ctx, name: str, text: str) -> Path:
+    """A verified copy of the cpu target with ``name`` replaced by ``text``."""
+    build = c.local_build("golden", "cpu")
+    (build / "cpu" / name).write_text(text)
+    return build / "cpu"
 
 
 def _write(path: Path, text: str) -> Path:

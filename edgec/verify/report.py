@@ -42,12 +42,36 @@ def _thumb(arr: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+_REQUIRED = {"verify": ({"golden": str, "results": list}, {"artifact": str, "precision": str, "metrics": dict,
+                                                           "per_image": dict, "gates": list, "passed": bool}),
+             "bench": ({"results": list}, {"artifact": str, "median_ms": (int, float)})}
+
+
+def _load(folder: Path, name: str) -> dict | None:
+    """``verify.json`` or ``bench.json`` of ``folder``, checked for what the report reads (None when absent)."""
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        return None
+    damaged = InputError(f"{path} is damaged or not written by this edgec", hint=f"run 'edgec {name} {folder}' again")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged from None
+    top, row = _REQUIRED[name]
+
+    def of(value, kind) -> bool:  # a bool is not a number here
+        return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+
+    ok = isinstance(data, dict) and all(of(data.get(k), t) for k, t in top.items())
+    ok = ok and all(isinstance(r, dict) and all(of(r.get(k), t) for k, t in row.items()) for r in data["results"])
+    if not ok:
+        raise damaged
+    return data
+
+
 def _read(folder: Path) -> dict:
-    entry = {"folder": folder, "manifest": read_manifest(folder), "verify": None, "bench": None}
-    for name in ("verify", "bench"):
-        path = folder / f"{name}.json"
-        if path.is_file():
-            entry[name] = json.loads(path.read_text())
+    entry = {"folder": folder, "manifest": read_manifest(folder), "verify": _load(folder, "verify"),
+             "bench": _load(folder, "bench")}
     if entry["verify"] is None:
         raise InputError(f"{folder} has not been verified (no verify.json)", hint=f"run 'edgec verify {folder}' first")
     return entry
@@ -114,7 +138,12 @@ def build_report(folders: list[Path], out: Path, golden_dir: Path | None = None)
     import matplotlib.pyplot as plt
 
     entries = [_read(Path(f)) for f in folders]
-    golden = load_golden(golden_dir or Path(entries[0]["verify"]["golden"]))
+    if golden_dir is None:  # the one verify used; it may have been recorded relative to another working folder
+        golden_dir = Path(entries[0]["verify"]["golden"])
+        beside = Path(entries[0]["folder"]).parent / "golden"
+        if not (golden_dir / "golden.json").is_file() and (beside / "golden.json").is_file():
+            golden_dir = beside
+    golden = load_golden(golden_dir)
     labels = golden.labels
     rows = []
     for e in entries:
