@@ -528,6 +528,8 @@ CASES = [
     Case("verify-golden-missing", _argv("verify", "{proj}/build/cpu", "--golden", "{dir}/nope"), needle="nope"),
     Case("verify-golden-corrupt", lambda c: _verify_copy(
         c, lambda b: next((b / "golden").glob("*.npz")).write_bytes(b"PK\x03\x04 broken"))),
+    Case("verify-golden-json-a-list", lambda c: _verify_copy(
+        c, lambda b: (b / "golden" / "golden.json").write_text("[]")), needle="golden.json"),
     Case("verify-golden-other-teacher", _other_teacher_golden, needle="teacher"),
     Case("verify-gate-bad", _argv("verify", "{proj}/build/cpu", "--gate", "agreement>>1"), needle="agreement>>1"),
     Case("verify-gate-unknown-metric", _argv("verify", "{proj}/build/cpu", "--gate", "happiness>=1"), needle="happiness"),

@@ -183,9 +183,14 @@ def load_golden(path: str | Path) -> Golden:
     if not meta_path.is_file():
         raise InputError(f"no golden set in {path} ({GOLDEN_JSON} missing)", hint="create it with 'edgec golden'")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{meta_path} is not valid JSON ({exc.msg})", hint="run 'edgec golden' again") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{meta_path} is not UTF-8 text", hint="run 'edgec golden' again") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path} is a JSON {type(meta).__name__}, not the golden set's record",
+                         hint="run 'edgec golden' again")
     npz = path / GOLDEN_NPZ
     if not npz.is_file() or sha256_file(npz) != meta.get("npz_sha256"):
         raise InputError(f"{npz} is missing or does not match the sha256 in {GOLDEN_JSON}", hint="run 'edgec golden' again")
@@ -198,6 +203,10 @@ def load_golden(path: str | Path) -> Golden:
                              hint="run 'edgec golden' again")
         images = np.load(ipath, mmap_mode="r", allow_pickle=False)
     with np.load(npz, allow_pickle=False) as z:
+        missing = [k for k in ("image_embeddings", "label_ids", *(() if images is not None else ("images",)))
+                   if k not in z.files]
+        if missing:
+            raise InputError(f"{npz} lacks {', '.join(missing)}", hint="run 'edgec golden' again")
         if images is None:
             images = z["images"]
         return Golden(path, images, z["image_embeddings"], z["text_embeddings"] if "text_embeddings" in z.files else None,
