@@ -295,11 +295,11 @@ def table(results: list[dict], teacher_rate: dict | None, meta: dict) -> str:
         f"student on {4}x{meta['batch_size']} images decoded once and held as tensors, no loader workers, run before "
         f"and after the DataLoader run (median); loader wait share: time blocked on the next batch after the "
         f"first, over step time); "
-        f"{meta['workers']} loader worker(s), {meta['threads']} torch threads, {meta['cpus']} CPU cores "
+        f"loader workers: {meta['workers']}, torch threads: {meta['threads']}, CPU cores: {meta['cpus']} "
         f"(shared with other work while measured). Peak RSS: main process / main + loader workers summed "
         f"(shared pages counted once per process).",
         "",
-        "| set | images | teacher cache: img/s | peak RSS MB | train: img/s | in-memory fwd+bwd img/s | train / in-memory | loader wait share | peak RSS MB |",
+        "| set | images | teacher cache: img/s | peak RSS MB | train: img/s | same trainer, images in memory: img/s | train / in-memory | loader wait share | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -335,14 +335,16 @@ def table(results: list[dict], teacher_rate: dict | None, meta: dict) -> str:
         cpu = teacher_rate["images_per_s"]
         lines += [
             f"- Teacher pass, measured on this CPU: a ViT-B/16-sized image tower ({gmacs:.1f} GMACs per image) runs "
-            f"{cpu:.1f} images/s at {teacher_rate['threads']} threads: {1e6 / cpu / 3600:,.0f} CPU-hours for 1M images.",
+            f"{cpu:.1f} images/s with {teacher_rate['threads']} torch thread(s): {1e6 / cpu / 3600:,.0f} CPU-hours "
+            f"for 1M images.",
             "- No GPU was available to this run, so the GPU figures are arithmetic, not measurements: at 40 % of the "
             "dense bf16 peak, images/s = 0.4 x peak FLOP/s / (2 x MACs). "
             + ", ".join(f"{name} ({peak} TFLOP/s): ~{0.4 * peak * 1e12 / (2 * teacher_rate['macs']):,.0f} images/s, "
                         f"{1e6 / (0.4 * peak * 1e12 / (2 * teacher_rate['macs'])) / 60:.0f} min per 1M"
-                        for name, peak in (("T4", 65), ("A10G", 125), ("A100", 312), ("H100", 989)))
-            + ". Decoding must keep up: at the folder rate measured above per core, a GPU at thousands of images/s "
-              "needs tens of loader cores, or pre-resized shards.",
+                        for name, peak in (("T4", 65), ("L4", 121), ("A100", 312), ("H100 SXM", 989)))
+            + ". Decoding must keep up: one loader worker here decodes 224-px JPEGs for the teacher cache at the "
+              "rates in the table (teacher included), so a GPU at thousands of images/s needs tens of decoding "
+              "cores (`[distill] workers`), or shards of images stored near the teacher's size.",
         ]
     return "\n".join(lines) + "\n"
 
