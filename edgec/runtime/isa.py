@@ -21,6 +21,24 @@ REPORTED = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"
             "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")
 
 
+# (family, precision, flag that enables it or None, MACs per cycle and core, basis): the first row that applies wins
+PEAKS = (
+    ("x86", "fp32", "avx512f", 32, "AVX-512 FMA: 2 ports x 16 fp32 lanes"),
+    ("x86", "fp32", "fma", 16, "AVX2 FMA: 2 ports x 8 fp32 lanes"),
+    ("x86", "fp32", None, 8, "SSE/AVX without FMA: 2 ports x 4 lanes (mul + add)"),
+    ("x86", "int8", "amx_int8", 1024, "AMX TMUL: 1,024 int8 MACs per cycle"),
+    ("x86", "int8", "avx512_vnni", 128, "AVX-512 VNNI vpdpbusd: 2 ports x 64 u8*s8 MACs"),
+    ("x86", "int8", "avx_vnni", 64, "AVX-VNNI vpdpbusd (256-bit): 2 ports x 32 MACs"),
+    ("x86", "int8", "avx512bw", 128, "AVX-512BW vpmaddubsw: 2 ports x 64 u8*s8 products (int16 pairs, then vpmaddwd)"),
+    ("x86", "int8", "avx2", 64, "AVX2 vpmaddubsw: 2 ports x 32 u8*s8 products (int16 pairs, then vpmaddwd)"),
+    ("x86", "int8", None, 16, "SSE4 pmaddubsw: 16 products"),
+    ("arm", "fp32", None, 8, "NEON FMA: 2 pipes x 4 fp32 lanes"),
+    ("arm", "int8", "i8mm", 64, "NEON i8mm smmla: 2 pipes x 32 MACs"),
+    ("arm", "int8", "asimddp", 32, "NEON sdot: 2 pipes x 16 MACs"),
+    ("arm", "int8", None, 16, "NEON widening multiply-accumulate"),
+)
+
+
 @dataclass(frozen=True)
 class Isa:
     arch: str                  # x86_64, aarch64, ...
@@ -60,35 +78,11 @@ class Isa:
         """Upper bound of multiply-accumulates per cycle and core for ``fp32`` or ``int8``, from the ISA alone,
         with the assumption it rests on (two vector FMA / multiply ports, as on most server and desktop cores;
         parts with one 512-bit port reach half of the AVX-512 figures)."""
-        f = set(self.flags)
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
-        if self.family == "x86":
-            if precision == "fp32":
-                if "avx512f" in f:
-                    return 32, "AVX-512 FMA: 2 ports x 16 fp32 lanes"
-                if "fma" in f:
-                    return 16, "AVX2 FMA: 2 ports x 8 fp32 lanes"
-                return 8, "SSE/AVX without FMA: 2 ports x 4 lanes (mul + add)"
-            if "amx_int8" in f:
-                return 1024, "AMX TMUL: 1,024 int8 MACs per cycle"
-            if "avx512_vnni" in f:
-                return 128, "AVX-512 VNNI vpdpbusd: 2 ports x 64 u8*s8 MACs"
-            if "avx_vnni" in f:
-                return 64, "AVX-VNNI vpdpbusd (256-bit): 2 ports x 32 MACs"
-            if "avx512bw" in f:
-                return 128, "AVX-512BW vpmaddubsw: 2 ports x 64 u8*s8 products (int16 pairs, then vpmaddwd)"
-            if "avx2" in f:
-                return 64, "AVX2 vpmaddubsw: 2 ports x 32 u8*s8 products (int16 pairs, then vpmaddwd)"
-            return 16, "SSE4 pmaddubsw: 16 products"
-        if self.family == "arm":
-            if precision == "fp32":
-                return 8, "NEON FMA: 2 pipes x 4 fp32 lanes"
-            if "i8mm" in f:
-                return 64, "NEON i8mm smmla: 2 pipes x 32 MACs"
-            if "asimddp" in f:
-                return 32, "NEON sdot: 2 pipes x 16 MACs"
-            return 16, "NEON widening multiply-accumulate"
+        for family, prec, flag, macs, basis in PEAKS:
+            if family == self.family and prec == precision and (flag is None or flag in self.flags):
+                return macs, basis
         return 1, "unknown architecture: one MAC per cycle"
 
     def peak_gmacs(self, precision: str, threads: int = 1, ghz: float | None = None) -> dict:

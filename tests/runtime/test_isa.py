@@ -85,27 +85,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 
-class _Calib:
-    def __init__(self, x: np.ndarray) -> None:
-        self.x = x
-
-    def batches(self, batch_size: int = 16, layout: str | None = None):
-        return [self.x[i:i + batch_size] for i in range(0, len(self.x), batch_size)]
-
-
-@pytest.fixture(scope="module")
-def conv_net(tmp_path_factory):
-    from edgec.backends.onnx import export
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 16)).eval()
-    folder = tmp_path_factory.mktemp("isa")
-    path = folder / "net.onnx"
-    with torch.no_grad():
-        export(net, (1, 3, 24, 24), path)
-    x = np.random.default_rng(0).standard_normal((48, 3, 24, 24)).astype(np.float32)
-    return folder, path, x
+from ..quantize.test_onnx_qdq import _Calib, relu_net  # noqa: F401 - a small conv net exported once per module
 
 
 def _int8_weights(path) -> list[np.ndarray]:
@@ -116,10 +96,10 @@ def _int8_weights(path) -> list[np.ndarray]:
             if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
 
 
-def test_reduced_range_weights_fit_seven_bits(conv_net, tmp_path):
+def test_reduced_range_weights_fit_seven_bits(relu_net, tmp_path):
     from edgec.quantize.onnx_qdq import quantize_onnx
 
-    _, path, x = conv_net
+    path, x = relu_net
     full = quantize_onnx(path, tmp_path / "full.onnx", _Calib(x), activations="asymmetric")
     seven = quantize_onnx(path, tmp_path / "seven.onnx", _Calib(x), activations="asymmetric", reduce_range=True)
     full_w, seven_w = _int8_weights(full.path), _int8_weights(seven.path)
@@ -141,10 +121,10 @@ def _executed_ops(path, kernels: str, out) -> list[str]:
     return [n.op_type for n in onnx.load(str(out)).graph.node]
 
 
-def test_reference_runs_qdq_as_written_and_host_kernels_fuse_them(conv_net, tmp_path):
+def test_reference_runs_qdq_as_written_and_host_kernels_fuse_them(relu_net, tmp_path):
     from edgec.quantize.onnx_qdq import quantize_onnx
 
-    _, path, x = conv_net
+    path, x = relu_net
     q = quantize_onnx(path, tmp_path / "trt.onnx", _Calib(x))  # TensorRT's symmetric form
     written = [n.op_type for n in onnx.load(str(q.path)).graph.node]
     reference_ops = _executed_ops(q.path, "reference", tmp_path / "ref.opt.onnx")
@@ -174,10 +154,10 @@ def test_reference_runs_qdq_as_written_and_host_kernels_fuse_them(conv_net, tmp_
         np.testing.assert_allclose(host(x), ref, atol=2e-3)
 
 
-def test_reference_does_not_depend_on_threads_or_run(conv_net, tmp_path):
+def test_reference_does_not_depend_on_threads_or_run(relu_net, tmp_path):
     from edgec.quantize.onnx_qdq import quantize_onnx
 
-    _, path, x = conv_net
+    path, x = relu_net
     q = quantize_onnx(path, tmp_path / "trt.onnx", _Calib(x))
     a = OnnxRunner(q.path, threads=1, runtime="tensorrt")(x)
     b = OnnxRunner(q.path, threads=2, runtime="tensorrt")(x)
