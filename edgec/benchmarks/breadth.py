@@ -160,6 +160,11 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
         deleg = (manifest.get("delegation") or {}).get("shipped") or {}
         if deleg:
             cell["delegated_share"] = deleg.get("delegated_share")
+        coreml = ((manifest.get("variants") or {}).get("coreml") or {})
+        if coreml.get("delegation"):
+            cell["coreml_share"] = coreml["delegation"].get("delegated_share")
+        elif coreml.get("reason"):
+            cell["coreml_share"] = coreml["reason"]
         code, stdout, error, vsecs = edgec("verify", str(out), "--json", cwd=folder)
         cell.update({"verify_exit": code, "verify_s": round(vsecs)})
         try:  # verify.json is written before a failed gate stops verify
@@ -209,6 +214,10 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
                     parts.append(f"TPU {c['mapped_share']:.1%}" + (f" (first off: {c['first_unmapped']})" if c.get("first_unmapped") else ""))
                 if "delegated_share" in c:
                     parts.append(f"XNNPACK {c['delegated_share']:.1%}")
+                if isinstance(c.get("coreml_share"), float):
+                    parts.append(f"Core ML {c['coreml_share']:.1%} (unverified here)")
+                elif c.get("coreml_share"):
+                    parts.append(f"Core ML not built: {c['coreml_share']}")
                 if c["verify_exit"] != 0 and c.get("error"):
                     parts.append(c["error"].removeprefix("error: ").split(" (details in ")[0])
                 cells.append(", ".join(parts))
@@ -243,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
                     m = json.loads((folder / "build" / t / "verify.json").read_text())["results"][0]["metrics"]
                     c["cosine"], c["agreement"] = m["cosine_mean"], m.get("agreement")
                 except (OSError, json.JSONDecodeError, KeyError, IndexError):
+                    pass
+                try:
+                    variant = (json.loads((folder / "build" / t / "manifest.json").read_text()).get("variants")
+                               or {}).get("coreml") or {}
+                    if variant.get("delegation"):
+                        c["coreml_share"] = variant["delegation"].get("delegated_share")
+                except (OSError, json.JSONDecodeError):
                     pass
         write_section(a.benchmarks, SECTION, markdown(rows, targets, f"{os.cpu_count()} cores, torch threads default"))
         return 0
