@@ -249,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             folder = a.work / r["model"].replace(" ", "_").replace("(", "").replace(")", "")
             for t, c in r["targets"].items():
                 try:
-                    m = json.loads((folder / "build" / t / "verify.json").read_text())["results"][0]["metrics"]
-                    c["cosine"], c["agreement"] = m["cosine_mean"], m.get("agreement")
+                    res = json.loads((folder / "build" / t / "verify.json").read_text())["results"][0]
+                    c["cosine"], c["agreement"] = res["metrics"]["cosine_mean"], res["metrics"].get("agreement")
+                    bad = [g for g in res["gates"] if not g["passed"]]
+                    if bad:
+                        c["error"] = "gates failed: " + ", ".join(
+                            f"{g['gate']} ({'n/a' if g['value'] is None else format(g['value'], '.4f')})" for g in bad)
                 except (OSError, json.JSONDecodeError, KeyError, IndexError):
                     pass
                 try:
