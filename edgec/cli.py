@@ -42,6 +42,8 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             err.print("error: interrupted")
             sys.exit(130)
+        if code == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit 130)
+            err.print("error: interrupted")
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
