@@ -584,9 +584,13 @@ def compile_from_config(cfg: EdgecConfig, target: str, *, no_distill: bool = Fal
                        ("[data] train", None if no_distill or student_dir is not None else cfg.data.train)):
         if value is not None and not cfg.resolve(value).exists():  # before the golden set or a student is made
             raise InputError(f"{key} not found: {cfg.resolve(value)}", hint=f"fix {key} in edgec.toml")
-    if "int8" in registry.get("targets", target).spec.precisions and not cfg.calibration.path:
-        raise InputError(f"target {target} builds int8 and needs calibration images",  # before any stage runs
-                         hint="set [calibration] path in edgec.toml (an image folder, a list of paths or a captions.jsonl)")
+    if "int8" in registry.get("targets", target).spec.precisions:  # before any stage runs
+        if not cfg.calibration.path:
+            raise InputError(f"target {target} builds int8 and needs calibration images",
+                             hint="set [calibration] path in edgec.toml (an image folder, a list of paths or a captions.jsonl)")
+        from .quantize.calibration import check_source
+
+        check_source(cfg.resolve(cfg.calibration.path))
     if not no_distill and student_dir is None:  # distilled unless a student made from the same inputs is there
         dcfg = DistillConfig.from_edgec(cfg, target=target)
         student_dir = ensure_student(dcfg, progress=progress, log=log, label=f"{target}: distill {dcfg.student}").student

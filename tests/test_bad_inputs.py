@@ -512,6 +512,12 @@ CASES = [
         drop=("calibration.path", "calibration.num_images"), out=c.dir / "build"))], needle="calibration images"),
     Case("config-build-empty", _cfg(["compile", "--target", "all", "--no-distill"], targets={"build": []}),
          needle="at least one target"),
+    Case("calibration-folder-empty-compile", lambda c: [*COMPILE, "--config", str(c.config(
+        calibration={"path": str(c.folder("calib", {"README.txt": b"x"}))}, out=c.dir / "build"))], needle="no images"),
+    Case("calibration-folder-empty-quantize", lambda c: [
+        "quantize", "--no-distill", "--no-progress", "--backend", "onnx", "--no-sensitivity", "--config", str(c.config(
+            calibration={"path": str(c.folder("calib", {"README.txt": b"x"}))}, out=c.dir / "build"))],
+         needle="no images"),
     Case("calibration-list-not-utf8", lambda c: _calibration_list(c, b"/tmp/caf\xe9.png\n"), needle="UTF-8"),
     Case("calibration-list-missing-files", lambda c: _calibration_list(c, b"/nonexistent/a.png\n/nonexistent/b.png\n")),
     # --- verify, bench, report on broken folders

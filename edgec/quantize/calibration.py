@@ -75,6 +75,12 @@ def _read_source(source: Path) -> Source:
     return open_source(source)
 
 
+def check_source(source: Path) -> None:
+    """The calibration source's listing errors (missing, empty, an unreadable path list) before any stage
+    runs: nothing is decoded, so a golden set or a student is not made for a build that cannot finish."""
+    _read_source(Path(source))
+
+
 def _reservoir(src: Source, n: int, seed: int) -> list[Sample]:
     """``n`` samples of a stream, each equally likely (seeded), in stream order."""
     rng = np.random.default_rng(seed)

@@ -381,6 +381,9 @@ def config_from_edgec(cfg: EdgecConfig, *, backends: tuple[str, ...] = BACKENDS,
         raise InputError("edgec.toml has no [model] section", hint="add [model] path = ...")
     if not cfg.calibration.path:
         raise InputError("quantize needs calibration images", hint="set [calibration] path in edgec.toml")
+    from .calibration import check_source
+
+    check_source(cfg.resolve(cfg.calibration.path))  # before the student or the golden set is made
     teacher = dataclasses.replace(cfg.model, path=str(cfg.resolve(cfg.model.path)))
     build = cfg.resolve(cfg.targets.out)
     student_dir = None
