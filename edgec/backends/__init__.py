@@ -78,7 +78,11 @@ class Backend:
     recipe: Callable | None = None
     accelerator_compile: Callable | None = None
     text_note: Callable | None = None  # (text artifact, spec) -> what to do on the device with it, or None
-    runner: Callable | None = None  # (path, threads) -> callable on numpy inputs, for a runtime edgec.runtime lacks
+    # (path, threads=None, runtime=None, kernels="auto") -> callable on numpy inputs (torch-free for all but .pte)
+    runner: Callable | None = None
+    # runtime -> onnxruntime execution providers that run it on its accelerator (TensorRT); on a CPU-only
+    # machine such an artifact runs on the CPU with Q/DQ as written (edgec.runtime.runners)
+    accelerators: dict[str, tuple] = field(default_factory=dict)
     delegates: tuple[str, ...] = ()  # other delegates it can also lower the fp32 program for (extra_delegates)
     companions: tuple[str, ...] = ()  # suffixes of files that travel with the artifact (OpenVINO's .bin)
     notes: tuple[str, ...] = ()

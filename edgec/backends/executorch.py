@@ -204,6 +204,12 @@ def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[
     return out, "XNNPACKQuantizer, get_symmetric_quantization_config() defaults (per-tensor, histogram)"
 
 
+def runner(path: Path, threads: int | None = None, runtime: str | None = None, kernels: str = "auto"):
+    from ..runtime.runners import ExecuTorchRunner
+
+    return ExecuTorchRunner(path, threads)
+
+
 def io_records(path: Path, io: dict, spec) -> dict:
     """A .pte takes and gives float32 at every precision: the export's records stand."""
     return io
@@ -215,6 +221,7 @@ BACKEND = Backend(
     runtime_modules={"executorch": ("executorch+torch",)}, precisions=("fp32", "int8"),
     quantizers={"xnnpack-pt2e": Quantizer("xnnpack-pt2e", "PT2E XNNPACKQuantizer, per-channel symmetric int8 weights, "
                                           "static int8 activations", METHODS, "histogram")},
-    build=build, program=program, reference_int8=reference_int8, export_text=export_text, io_records=io_records, delegates=("coreml",),
+    build=build, program=program, reference_int8=reference_int8, export_text=export_text, io_records=io_records,
+    runner=runner, delegates=("coreml",),
     notes=("ExecuTorch's Python runtime imports torch: verifying .pte artifacts needs torch installed.",),
 )

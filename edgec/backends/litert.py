@@ -346,6 +346,12 @@ def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[
     return out, "litert-torch PT2E, get_symmetric_quantization_config() defaults (per-tensor, histogram)"
 
 
+def runner(path: Path, threads: int | None = None, runtime: str | None = None, kernels: str = "auto"):
+    from ..runtime.runners import LiteRTRunner
+
+    return LiteRTRunner(path, threads)
+
+
 def io_records(path: Path, io: dict, spec) -> dict:
     """The shipped file's records: int8 I/O and its quantization parameters come from the model itself."""
     return tensor_records(path, normalized=spec.normalize_output)
@@ -378,5 +384,5 @@ BACKEND = Backend(
                                   ("minmax", "percentile", "entropy", "histogram"), "histogram"),
     },
     build=build, program=program, reference_int8=reference_int8, export_text=export_text, op_report=report_for, io_records=io_records,
-    accelerator_compile=accelerator_compile,
+    accelerator_compile=accelerator_compile, runner=runner,
 )

@@ -278,6 +278,12 @@ def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[
     return out, "onnxruntime quantize_static defaults: QDQ, U8S8, per-tensor, MinMax, all op types"
 
 
+def runner(path: Path, threads: int | None = None, runtime: str | None = None, kernels: str = "auto"):
+    from ..runtime.runners import OnnxRunner
+
+    return OnnxRunner(path, threads, runtime or BACKEND.runtimes[0], kernels)
+
+
 TRTEXEC_FLAGS = {"int8": ["--int8", "--fp16"], "fp16": ["--fp16"], "fp32": []}
 
 
@@ -333,6 +339,10 @@ BACKEND = Backend(
         "qdq-asymmetric": Quantizer("qdq-asymmetric", "int8 Q/DQ, asymmetric uint8 activations (onnxruntime)",
                                     METHODS, "minmax"),
     },
-    build=build, program=program, reference_int8=reference_int8, export_text=export_text, fold_head=fold_head, recipe=recipe, text_note=text_recipe_note,
+    build=build, program=program, reference_int8=reference_int8, export_text=export_text, fold_head=fold_head,
+    recipe=recipe, text_note=text_recipe_note, runner=runner,
+    # TensorRT through onnxruntime-gpu's providers: int8 from the Q/DQ nodes, fp16 elsewhere (as build_engine.sh)
+    accelerators={"tensorrt": (("TensorrtExecutionProvider", {"trt_int8_enable": True, "trt_fp16_enable": True}),
+                               "CUDAExecutionProvider")},
     notes=("tensorrt artifacts are checked with onnxruntime here (Q/DQ ONNX); the engine needs tensorrt and a GPU",),
 )

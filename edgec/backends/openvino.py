@@ -165,7 +165,7 @@ class OpenVinoRunner:
         return np.concatenate(outs).astype(np.float32)
 
 
-def runner(path: Path, threads: int | None = None):
+def runner(path: Path, threads: int | None = None, runtime: str | None = None, kernels: str = "auto"):
     return OpenVinoRunner(path, threads)
 
 

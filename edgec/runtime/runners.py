@@ -10,15 +10,20 @@ from ..errors import InputError, require_module
 from .inspect import litert_interpreter_module
 
 
+def accelerator_providers(runtime: str) -> tuple:
+    """The onnxruntime execution providers that run ``runtime`` on its accelerator (the backend record says
+    which: TensorRT through onnxruntime-gpu's TensorRT provider); empty for onnxruntime itself."""
+    from ..backends import backend_of  # the records import no SDK
+
+    backend = backend_of(runtime)
+    return tuple(backend.accelerators.get(runtime, ())) if backend is not None else ()
+
+
 def onnx_providers(runtime: str, available: list[str]) -> list:
-    """Execution providers for an ONNX artifact: a ``tensorrt`` artifact runs in TensorRT (through onnxruntime's
-    TensorRT provider, int8 from its Q/DQ nodes, fp16 elsewhere as build_engine.sh asks) where onnxruntime-gpu
-    with TensorRT is installed, else on the CPU; ``executed_by`` in verify.json says which it was."""
-    providers: list = []
-    if runtime == "tensorrt" and "TensorrtExecutionProvider" in available:
-        providers.append(("TensorrtExecutionProvider", {"trt_int8_enable": True, "trt_fp16_enable": True}))
-    if runtime == "tensorrt" and "CUDAExecutionProvider" in available:
-        providers.append("CUDAExecutionProvider")
+    """Execution providers for an ONNX artifact: an accelerator runtime's artifact (TensorRT: int8 from its Q/DQ
+    nodes, fp16 elsewhere as build_engine.sh asks) runs on that accelerator where onnxruntime has its providers,
+    else on the CPU; ``executed_by`` in verify.json says which it was."""
+    providers = [p for p in accelerator_providers(runtime) if (p[0] if isinstance(p, tuple) else p) in available]
     return [*providers, "CPUExecutionProvider"]
 
 
@@ -61,7 +66,8 @@ class OnnxRunner:
         providers = onnx_providers(runtime, ort.get_available_providers())
         if kernels == "auto":
             on_cpu = providers[0] == "CPUExecutionProvider"
-            kernels = "reference" if runtime == "tensorrt" and on_cpu and has_qdq(path) else "host"
+            stand_in = bool(accelerator_providers(runtime)) and on_cpu  # an accelerator's artifact, on this CPU
+            kernels = "reference" if stand_in and has_qdq(path) else "host"
         if kernels == "reference":
             providers = ["CPUExecutionProvider"]
         opts = session_options(threads, kernels)
@@ -177,15 +183,10 @@ class ExecuTorchRunner:
 
 
 def open_runner(path: Path, runtime: str, threads: int | None = None, *, kernels: str = "auto"):
-    if runtime in ("onnxruntime", "tensorrt") and path.suffix == ".onnx":
-        return OnnxRunner(path, threads, runtime, kernels)
-    if runtime == "litert":
-        return LiteRTRunner(path, threads)
-    if runtime == "executorch":
-        return ExecuTorchRunner(path, threads)
-    from ..backends import backend_of  # a runtime whose runner lives with its backend (torch-free record)
+    """The runner of ``runtime`` for ``path``, from the backend record whose artifacts run in it."""
+    from ..backends import backend_of  # the records import no SDK: verify stays torch-free
 
     backend = backend_of(runtime)
-    if backend is not None and backend.runner is not None:
-        return backend.runner(path, threads)
-    raise InputError(f"{path}: runtime {runtime!r} cannot be run by this edgec on this machine")
+    if backend is None or backend.runner is None or Path(path).suffix != backend.suffix:
+        raise InputError(f"{path}: runtime {runtime!r} cannot be run by this edgec on this machine")
+    return backend.runner(Path(path), threads, runtime, kernels)
