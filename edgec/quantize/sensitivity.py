@@ -149,6 +149,9 @@ class OnnxProgram:
 
 
 LITERT_LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL")
+# where a fully integer program's error also lives: LayerNorm's pieces, softmax, activations, residual adds
+LITERT_ACTIVATION_OPS = ("SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "GELU", "MUL", "ADD", "SUB", "DIV", "MEAN",
+                         "RSQRT", "SQRT", "SQUARED_DIFFERENCE", "POW", "SUM")
 
 
 def _quiet():
@@ -173,7 +176,8 @@ def scope_label(scope: str) -> str:
 
 class LiteRTProgram:
     """Fully integer TFLite by ai-edge-quantizer (``static_wi8_ai8``) run in LiteRT; calibrated once,
-    layers are its weighted ops (named by their output tensors, the quantizer's scope). A layer kept
+    layers are its weighted ops and the activation / normalisation / residual ops around them (named by
+    their output tensors, the quantizer's scope). A layer kept
     in float gets the ``no_quantize`` algorithm by an anchored regex on its scope; it runs in float
     between DEQUANTIZE and QUANTIZE (on an Edge TPU, on the CPU)."""
 
@@ -213,9 +217,13 @@ class LiteRTProgram:
                 kind = tfl.get_op_name_by_index(model, 0, i)
             except KeyError:  # an op code the quantizer has no name for: not one it quantizes
                 continue
-            if kind in LITERT_LAYER_OPS:  # weights: inputs no op produces
-                params = sum(int(np.prod(sub.tensors[t].shape)) for t in op.inputs[1:] if t >= 0 and int(t) not in produced)
+            if kind in LITERT_LAYER_OPS or kind in LITERT_ACTIVATION_OPS:
+                # a layer is an op scope (the module it came from): keeping it float keeps every op of that scope
                 scope = tfl.get_op_scope(op, sub.tensors)
+                if not scope or any(la["name"] == scope for la in self.layers):
+                    continue
+                params = sum(int(np.prod(sub.tensors[t].shape)) for t in op.inputs[1:] if t >= 0 and int(t) not in produced) \
+                    if kind in LITERT_LAYER_OPS else 0  # weights: inputs no op produces
                 self.layers.append({"name": scope, "label": scope_label(scope), "op": kind, "params": params})
         self._tmp = tempfile.TemporaryDirectory(prefix="edgec-sens-")
 

@@ -151,3 +151,24 @@ def test_records_are_complete_and_need_no_sdk_to_read():
             "print(sorted(m for m in ('torch', 'onnx', 'openvino', 'executorch', 'litert_torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_fully_integer_fallback_can_keep_non_weighted_ops_float(tmp_path):
+    """ai-edge-quantizer's program lists the ops where its error lives beside the weighted ones (here the
+    global average pool's MEAN): keeping one float leaves exactly that op in float."""
+    from edgec.backends.litert import FullInt8Program, export, op_report
+
+    record = backends()["litert"]
+    if record.can_build():
+        pytest.skip("litert-torch / ai-edge-quantizer not installed")
+    fp32 = tmp_path / "model.fp32.tflite"
+    export(_tiny_encoder(), (1, SIZE, SIZE, 3), fp32, layout="NHWC", normalize=False)
+    program = FullInt8Program(fp32, _calibration(), "NHWC")
+    kinds = {la["op"] for la in program.layers}
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= kinds and "MEAN" in kinds
+    mean = next(la["name"] for la in program.layers if la["op"] == "MEAN")
+    program.write(tmp_path / "all.tflite")
+    program.write(tmp_path / "mean.tflite", frozenset({mean}))
+    assert op_report(tmp_path / "all.tflite")["float_ops"] == []
+    assert op_report(tmp_path / "mean.tflite")["float_ops"] == ["MEAN"]
