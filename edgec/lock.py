@@ -26,6 +26,20 @@ LOCK_FILE = ".edgec.lock"
 _held: dict[str, tuple[int, int]] = {}  # resolved lock path -> (fd, depth) for this process
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copy of the lock's descriptor: a flock lives while
+    any descriptor of it is open, so an orphaned worker would otherwise hold the build folder after
+    its parent was killed. Closing a copy does not unlock the parent."""
+    for fd, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class BuildLocked(InputError):
     """Another edgec process writes to this build folder: exit code 2."""
 
