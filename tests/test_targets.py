@@ -129,6 +129,23 @@ def test_openvino_backend_builds_nncf_int8_and_verifies_in_the_openvino_runtime(
     assert m["cosine_mean"] == pytest.approx(chosen["metrics"]["cosine_mean"], abs=1e-5) and m["agreement"] >= 0.97
 
 
+def test_a_method_the_targets_quantizer_does_not_honour_is_refused_before_any_build(project, tmp_path):
+    """[quantize] method = "entropy": the edgetpu target's quantizer (ai-edge-quantizer) takes min/max only, so
+    compile refuses it (exit 2, one line) instead of silently shipping another method; a per-target method fixes it."""
+    from edgec.config import load_config
+
+    config, build = project
+    cfg = tmp_path / "edgec.toml"
+    cfg.write_text(config.read_text() + '[quantize]\nmethod = "entropy"\n')
+    result = runner.invoke(app, ["compile", "--config", str(cfg), "--no-distill", "--no-progress", "--target", "edgetpu"])
+    assert result.exit_code == 2, result.output
+    assert "does not take calibration method 'entropy'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (build / "quantized" / "edgetpu").exists()
+    cfg.write_text(cfg.read_text() + '[quantize.targets.edgetpu]\nmethod = "minmax"\n')
+    q = load_config(cfg).quantize
+    assert q.method_for("edgetpu") == "minmax" and q.method_for("jetson") == "entropy"
+
+
 def test_device_of_another_target_is_refused(project):
     config, _ = project
     result = runner.invoke(app, ["compile", "--config", str(config), "--no-distill", "--target", "cpu",
