@@ -55,6 +55,7 @@ def measure_artifact(path: Path, runtime: str, shape: list[int], threads: int, r
     x = np.random.default_rng(0).standard_normal([1, *shape[1:]]).astype(np.float32)
     result = _stats(_time(runner, x, runs, warmup))
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    result["ran"] = getattr(runner, "ran", runtime)
     return result
 
 
@@ -105,13 +106,12 @@ def bench(folder: str | Path, *, runs: int = 50, warmup: int = 10, threads: int 
         if not path.is_file():
             raise InputError(f"artifact missing: {path}", hint="compile the target again")
         r = _subprocess(["artifact", str(path), art["runtime"], json.dumps(shape), str(threads), str(runs), str(warmup)], threads)
-        ran = "onnxruntime" if path.suffix == ".onnx" and art["runtime"] == "tensorrt" else art["runtime"]
+        ran = r.pop("ran", art["runtime"])
         r.update({"artifact": art["path"], "precision": art.get("precision"), "bytes": path.stat().st_size,
-                  # where the figure comes from: this host and the runtime that ran here, which for a
+                  # where the figure comes from: this host's CPU and the runtime that ran here, which for a
                   # TensorRT or Edge TPU target is not the device's (its engine/delegate runs there)
                   "runtime": ran, "target_runtime": art["runtime"], "measured_on": "host",
-                  "measured_with": ran + (" on this CPU" if ran != art["runtime"] or manifest.get("target") == "edgetpu"
-                                          else "")})
+                  "measured_with": f"{ran} on this host's CPU"})
         results.append(r)
         log(f"{manifest.get('target')}/{art['path']}: median {r['median_ms']} ms, p90 {r['p90_ms']} ms, "
             f"{r['throughput_ips']} img/s, peak {r['peak_rss_mb']} MB, {r['bytes'] / 1e6:.2f} MB on disk")

@@ -79,6 +79,9 @@ class OnnxRunner:
                              hint="the file is truncated or corrupt; compile the target again") from None
         self.executed_by = f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}" + (
             f", {QDQ_AS_WRITTEN}" if kernels == "reference" else "")
+        # the runtime that ran it: the accelerator's own when its provider is here, else onnxruntime on this CPU
+        on_accelerator = self.session.get_providers()[0] != "CPUExecutionProvider"
+        self.ran = runtime if on_accelerator or not accelerator_providers(runtime) else "onnxruntime"
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = None if not isinstance(inp.shape[0], int) else inp.shape[0]

@@ -98,7 +98,7 @@ def _where(bench: dict | None) -> str:
     """Where a latency was measured: this host with the runtime that ran, never the device's figure."""
     if bench is None:
         return "<span class='muted'>(host, eager PyTorch)</span>"
-    ran = bench.get("measured_with") or bench.get("runtime", "?")
+    ran = bench.get("runtime", "?")  # the runtime that ran on this host (bench.json's measured_with says it in words)
     target = bench.get("target_runtime") or bench.get("runtime")
     note = f", not {target}" if target and target != ran else ""
     return f"<span class='muted'>(host, {html.escape(str(ran))}{html.escape(note)})</span>"
@@ -268,8 +268,8 @@ def benchmarks_markdown(folders: list[Path]) -> str:
         shipped = {r["precision"]: r for r in v["results"]}
         timed = {r["precision"]: r for r in b.get("results", [])}
         runtime = m["artifacts"][0]["runtime"]
-        measured_on = "onnxruntime (Q/DQ on this CPU, not TensorRT)" if runtime == "tensorrt" else \
-            "LiteRT on this CPU (not the Edge TPU)" if m["target"] == "edgetpu" else runtime
+        ran = next((r.get("measured_with") for r in b.get("results", []) if r.get("measured_with")), None)
+        measured_on = (ran or runtime) + (f", not {runtime}" if ran and ran.split()[0] != runtime else "")
         rows = [c for c in (m.get("selection") or {}).get("candidates", []) if "median_ms" in c]
         if not rows:  # candidates not timed at compile time: the shipped artifact, from verify + bench
             rows = [{"precision": p, "median_ms": timed[p]["median_ms"] if p in timed else float("nan"),

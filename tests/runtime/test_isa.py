@@ -144,6 +144,7 @@ def test_reference_runs_qdq_as_written_and_host_kernels_fuse_them(relu_net, tmp_
 
     runner = OnnxRunner(q.path, runtime="tensorrt")  # no TensorRT here: the reference, and it says so
     assert runner.kernels == "reference" and "as written" in runner.executed_by
+    assert runner.ran == "onnxruntime"  # what ran here, for bench and report labels: not TensorRT
     ref = runner(x)
     # float arithmetic on the dequantized values: as close to the float model as int8 allows
     fp32 = OnnxRunner(path)(x)
