@@ -222,6 +222,11 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
                     parts.append(c["error"].removeprefix("error: ").split(" (details in ")[0])
                 cells.append(", ".join(parts))
         out.append(f"| {r['model']} | {macs} | " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    missing = [m for m in MODELS if m not in {r["model"] for r in rows}]
+    if missing or any(c is None for r in rows for c in (r["targets"].get(t) for t in targets)):
+        out += ["", "Not measured in this run (stopped before them; `make bench-breadth` runs every row and cell): "
+                + ", ".join(missing + [f"{r['model']} on {t}" for r in rows for t in targets if t not in r["targets"]])
+                + "."]
     return "\n".join(out) + "\n"
 
 
