@@ -143,7 +143,7 @@ def recover(build: Path, log=print) -> list[str]:
 
 def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
     from .distill.data import source_identity
-    from .distill.stage import tree_sha
+    from .distill.stage import describe_change, tree_sha
     from .verify.golden import GOLDEN_JSON, GOLDEN_NPZ, GoldenConfig, build_golden
 
     t0 = time.time()
@@ -160,15 +160,34 @@ def _golden_stage(cfg: EdgecConfig, build: Path, memo: dict, log) -> _Stage:
                     # recorded since golden schema 1 gained them; older sets were made with the defaults
                     and meta.get("captions_file", "captions.jsonl") == inputs["captions_file"]
                     and meta.get("max_bad_fraction", 0.05) == inputs["max_bad_fraction"]
-                    and sha256_file(out / GOLDEN_NPZ) == meta["npz_sha256"])
+                    and sha256_file(out / GOLDEN_NPZ) == meta["npz_sha256"]
+                    and _images_intact(out, meta))
         except (KeyError, TypeError):
             same = False
         if same:
             log("golden: from cache")
             return _Stage("golden", "golden", key, "cached", time.time() - t0, str(out), extra={"meta": meta})
-    log("golden: computing the teacher's outputs on the eval set" + (" (inputs changed)" if meta else ""))
+    why = ""
+    if isinstance(meta, dict):
+        recorded = {"teacher": (meta.get("teacher") or {}).get("sha256"), "eval": (meta.get("eval") or {}).get("sha256"),
+                    "prompts": meta.get("prompts"), "captions_file": meta.get("captions_file", "captions.jsonl"),
+                    "max_bad_fraction": meta.get("max_bad_fraction", 0.05)}
+        change = describe_change(recorded, inputs)
+        why = f" ({change})" if change != "inputs changed" else " (its files are missing or changed)"
+    log("golden: computing the teacher's outputs on the eval set" + why)
     build_golden(gcfg, log=log)
     return _Stage("golden", "golden", key, "ran", time.time() - t0, str(out), extra={"meta": read_json(out / GOLDEN_JSON)})
+
+
+def _images_intact(out: Path, meta: dict) -> bool:
+    """The golden images file the set records (``images.npy``) is there with its sha256; older sets keep their
+    images inside golden.npz and record none."""
+    from .verify.golden import GOLDEN_IMAGES
+
+    if meta.get("images_file") is None:
+        return True
+    path = out / GOLDEN_IMAGES  # the one name golden writes (the record's own text is not followed)
+    return meta.get("images_file") == GOLDEN_IMAGES and path.is_file() and sha256_file(path) == meta.get("images_sha256")
 
 
 # ---------------------------------------------------------------- verify

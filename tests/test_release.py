@@ -344,7 +344,17 @@ def test_a_changed_golden_setting_rebuilds_the_golden_set(built, tmp_path, shape
     result = release(config)
     assert result.exit_code == 0, result.output
     assert stages(build)["golden golden"] == "ran"
+    assert "golden: computing the teacher's outputs on the eval set (inputs changed: max_bad_fraction)" in result.stdout
     assert json.loads((build / "golden" / "golden.json").read_text())["max_bad_fraction"] == 0.2
+
+
+def test_a_golden_set_missing_its_images_file_is_rebuilt(built, tmp_path, shapes_data):
+    config, build = copy_project(built, tmp_path, shapes_data)
+    (build / "golden" / "images.npy").unlink()
+    result = release(config)
+    assert result.exit_code == 0, result.output
+    assert stages(build)["golden golden"] == "ran" and "(its files are missing or changed)" in result.stdout
+    assert (build / "golden" / "images.npy").is_file()
 
 
 def _jetson(build: Path) -> dict:
