@@ -122,10 +122,15 @@ def test_edgetpu_float_op_error_names_the_op_and_layer(torch, tmp_path):
             for _ in range(8):
                 yield rng.standard_normal((1, 16, 16, 3)).astype(np.float32)
 
+    from edgec.quantize import stage
+
+    def quantize(make_program, out):  # the quantize stage as compile hands it to a backend, without a cache
+        return stage.run(make_program(Calibration(), "minmax", 99.9), stage.Settings(method="minmax", percentile=99.9),
+                         out, log=lambda _: None)
+
     spec = registry.get("targets", "edgetpu").spec
     with pytest.raises(InputError) as info:
-        build(enc.eval(), (1, 16, 16, 3), spec=spec, work=tmp_path, calibration=Calibration, method="minmax",
-              percentile=99.9, trt_version=0, log=lambda _: None)
+        build(enc.eval(), (1, 16, 16, 3), spec=spec, work=tmp_path, quantize=quantize, options={}, log=lambda _: None)
     assert info.value.exit_code == EXIT_BAD_INPUT
     assert "float ops remain in the int8 model (SIN); the first, #" in str(info.value)
     assert "SIN, is in layer wave" in str(info.value) and "mobilenetv4_conv_small" in info.value.hint
