@@ -168,13 +168,18 @@ def run(config: DistillConfig, *, resume: bool = False, progress: bool = True, l
     class_text_np = (eval_split or train_split).rows.class_text
     class_text = torch.from_numpy(class_text_np).float() if class_text_np is not None else None
     params = config.params
-    if params.losses.contrastive_text and not train_split.rows.has_captions:
+    # captions count only when the teacher can embed them (a text tower and a tokenizer)
+    no_text = teacher.text_encoder is None or teacher.tokenizer is None
+    if params.losses.contrastive_text and (no_text or not train_split.rows.has_captions):
+        # say why: no captions in the data, or a teacher that cannot embed text
+        why = (f"the teacher {teacher.name} has no {'text tower' if teacher.text_encoder is None else 'tokenizer'} to "
+               "embed captions with" if no_text else f"{config.train} has no captions")
         try:
             params = dataclasses.replace(params, losses=dataclasses.replace(params.losses, contrastive_text=0.0))
         except ValueError:
-            raise InputError(f"distill.losses.contrastive_text is the only loss, and {config.train} has no "
-                             f"{config.captions_file}", hint="add captions, or set feature_cosine = 1.0") from None
-        log(f"note: {config.train} has no captions; the contrastive_text loss is off for this run")
+            raise InputError(f"distill.losses.contrastive_text is the only loss, and {why} ({config.captions_file})",
+                             hint="set feature_cosine = 1.0" + ("" if no_text else ", or add captions")) from None
+        log(f"note: {why}; the contrastive_text loss is off for this run")
     if config.params.losses.logit and class_text is None:
         raise InputError(f"distill.losses.logit needs labels, and {config.train} has none",
                          hint="set logit = 0, or use class sub-folders or 'label' in captions.jsonl")

@@ -175,6 +175,17 @@ def test_early_stop_when_eval_stops_improving(tmp_path, data):
     assert manifest["epochs_run"] == 2 and manifest["stopped_early"] is True
 
 
+def test_a_teacher_without_tokenizer_is_named_as_why_captions_go_unused(tmp_path, data, tiny_hf_siglip):
+    """The train folder has captions, the teacher cannot embed them: the note names the tokenizer, not the data."""
+    config = project(tmp_path, data, epochs=1)
+    config.write_text(config.read_text().replace(json.dumps(str(EXAMPLE / "teacher")), json.dumps(str(tiny_hf_siglip))))
+    assert (data / "train" / "captions.jsonl").is_file()
+    result = distill(config, "--out", str(tmp_path / "t"))
+    assert result.exit_code == 0, result.output
+    assert "has no tokenizer to embed captions with; the contrastive_text loss is off" in result.stdout
+    assert "has no captions" not in result.stdout
+
+
 def test_unlabelled_folder_distils_on_features_alone(tmp_path, data):
     flat = tmp_path / "flat"
     flat.mkdir()
