@@ -17,6 +17,7 @@ shard's byte offset), so a training epoch can visit samples in any order.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,25 +45,30 @@ class Sample:
     error: str | None = None  # why it cannot be used, when known before decoding
 
 
-class Source:
+class Source(abc.ABC):
     kind = "source"
     name: str  # for messages
     labels: list[str] | None = None  # known before reading (folders); None: found while streaming (shards)
 
+    @abc.abstractmethod
     def num_parts(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def part_name(self, i: int) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def samples(self, i: int) -> Iterator[Sample]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def read(self, ref: tuple[int, int, int]) -> Path | bytes:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def identity(self) -> str:
-        raise NotImplementedError
+        ...
 
     def describe(self) -> str:
         return f"{self.kind} {self.name}"
