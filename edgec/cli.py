@@ -5,6 +5,7 @@ need them, so ``edgec --version``, ``targets`` and artifact inspection start fas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -144,6 +145,10 @@ class _LogStream:
     def flush(self) -> None:
         if self._echo is not None:
             self._echo.flush()
+
+    def close(self) -> None:  # a logging handler that kept this stream closes it at exit: the real stderr stays open
+        with contextlib.suppress(ValueError, OSError):  # echo may already be closed at interpreter exit
+            self.flush()
 
     def isatty(self) -> bool:
         return False

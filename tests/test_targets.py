@@ -234,8 +234,18 @@ def test_android_pte_with_the_xnnpack_delegate(tmp_path, shapes_data):
     assert m["cosine_mean"] == pytest.approx(chosen["metrics"]["cosine_mean"], abs=1e-5)  # same runtime, same numbers
 
 
-def test_second_compile_with_unchanged_inputs_reuses_the_folder(project):
+@pytest.fixture
+def own_config(project):
+    """The module's project with edgec.toml restored after the test (tests that edit it must not leak the edit:
+    a [quantize] method another target's quantizer refuses broke the next test that compiled that target)."""
     config, build = project
+    text = config.read_text()
+    yield config, build
+    config.write_text(text)
+
+
+def test_second_compile_with_unchanged_inputs_reuses_the_folder(own_config):
+    config, build = own_config
     compile_target(config, "--target", "jetson")
     before = (build / "jetson" / "manifest.json").read_bytes()
     again = compile_target(config, "--target", "jetson")
