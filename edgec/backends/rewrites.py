@@ -8,7 +8,12 @@ XNNPACK delegates (linear, bmm, sub, mul, add, div, sqrt, softmax, reshape, tran
 * :class:`LinearLayerNorm`: LayerNorm over the last dim, means computed as a linear layer with
   constant 1/C weights;
 * :class:`BmmAttention`: timm's ``Attention`` with separate q/k/v linears (the scale folded into
-  q) and 3-D ``bmm`` over (batch x heads).
+  q) and 3-D ``bmm`` over (batch x heads);
+* :class:`BmmMultiheadAttention`: the same for ``nn.MultiheadAttention`` (open_clip's ViT towers and
+  attentional pooler) and open_clip's own plain ``Attention``. ``nn.MultiheadAttention`` exports (math
+  path) to ``unflatten``/``select``/``squeeze`` copies around its packed projection and to the math
+  attention's ``safe softmax`` (``eq``/``logical_not``/``any``/``where``/``full_like``), none of which
+  XNNPACK takes: an open_clip ViT was cut into ~5 delegate subgraphs per block.
 
 They are exact up to float rounding (tested against the original module to 1e-5).
 """
@@ -67,6 +72,111 @@ class BmmAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class BmmMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (either layout, packed or separate projections, masks, key padding,
+    attention weights) as q/k/v linears with the scale folded into q, ``bmm`` over (batch x heads) and a
+    plain softmax. Keeps the module's call signature and its ``(output, weights)`` result."""
+
+    def __init__(self, mha: nn.MultiheadAttention | None = None, *, heads: int = 0, in_proj: tuple = (),
+                 in_bias: torch.Tensor | None = None, out_proj: nn.Module | None = None, batch_first: bool = True) -> None:
+        super().__init__()
+        if mha is not None:
+            e = mha.embed_dim
+            heads, batch_first, out_proj, in_bias = mha.num_heads, mha.batch_first, mha.out_proj, mha.in_proj_bias
+            if mha._qkv_same_embed_dim:
+                in_proj = tuple(mha.in_proj_weight.detach()[i * e:(i + 1) * e] for i in range(3))
+            else:
+                in_proj = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+        e = in_proj[0].shape[0]
+        self.heads, self.head_dim, self.batch_first = heads, e // heads, batch_first
+        scale = self.head_dim ** -0.5
+        self.q, self.k, self.v = (nn.Linear(w.shape[1], e, bias=in_bias is not None) for w in in_proj)
+        with torch.no_grad():
+            for i, (lin, w) in enumerate(zip((self.q, self.k, self.v), in_proj, strict=True)):
+                s = scale if i == 0 else 1.0
+                lin.weight.copy_(w * s)
+                if in_bias is not None:
+                    lin.bias.copy_(in_bias.detach()[i * e:(i + 1) * e] * s)
+        self.out_proj = out_proj
+
+    def _split(self, t: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        return t.reshape(b, n, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, n, self.head_dim)
+
+    @staticmethod
+    def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if mask.dtype == torch.bool:  # True: not attended
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
+
+    def attend(self, query, key, value, attn_mask=None, key_padding_mask=None, is_causal=False):
+        """(B, L, E) inputs -> (B, L, E) output and (B, heads, L, S) attention weights."""
+        b, n, _ = query.shape
+        s = key.shape[1]
+        q, k, v = self._split(self.q(query), b, n), self._split(self.k(key), b, s), self._split(self.v(value), b, s)
+        scores = torch.bmm(q, k.transpose(1, 2))
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(n, s, dtype=torch.bool, device=query.device).triu(1)
+        if attn_mask is not None:
+            mask = self._additive(attn_mask, scores.dtype)
+            scores = scores + (mask if mask.dim() == 2 else mask.reshape(b * self.heads, n, s))
+        if key_padding_mask is not None:
+            pad = self._additive(key_padding_mask, scores.dtype).reshape(b, 1, 1, s).expand(b, self.heads, 1, s)
+            scores = scores + pad.reshape(b * self.heads, 1, s)
+        weights = scores.softmax(dim=-1)
+        x = torch.bmm(weights, v).reshape(b, self.heads, n, self.head_dim).transpose(1, 2).reshape(b, n, -1)
+        return self.out_proj(x), weights.reshape(b, self.heads, n, s)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        out, weights = self.attend(query, key, value, attn_mask, key_padding_mask, is_causal)
+        if unbatched:
+            out, weights = out.squeeze(0), weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=-3) if average_attn_weights else weights
+
+
+class BmmOpenClipAttention(BmmMultiheadAttention):
+    """open_clip's own ``Attention`` (batch first, packed ``in_proj_weight``, ``forward(x, attn_mask)``)
+    without scaled-cosine logits, q/k norms, head scales or the inner norm."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        e = attn.out_proj.in_features
+        w = attn.in_proj_weight.detach()
+        super().__init__(heads=attn.num_heads, in_proj=tuple(w[i * e:(i + 1) * e] for i in range(3)),
+                         in_bias=attn.in_proj_bias, out_proj=attn.out_proj, batch_first=True)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        b, n, _ = x.shape
+        if attn_mask is not None and attn_mask.dim() == 3:  # (B * heads, L, L) as open_clip's Attention reads it
+            attn_mask = attn_mask.reshape(b * self.heads, n, n)
+        return self.attend(x, x, x, attn_mask)[0]
+
+
+def _plain_multihead_attention(module: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` without the rarely used learned extra key/value (``add_bias_kv``) or zero
+    attention row (``add_zero_attn``), which the rewrite does not carry."""
+    return (isinstance(module, nn.MultiheadAttention) and module.bias_k is None and module.bias_v is None
+            and not module.add_zero_attn)
+
+
+def _plain_open_clip_attention(module: nn.Module) -> bool:
+    try:
+        from open_clip.transformer import Attention
+    except ImportError:
+        return False
+    return (type(module) is Attention and module.logit_scale is None and module.head_scale is None
+            and all(isinstance(getattr(module, n), nn.Identity) for n in ("ln_q", "ln_k", "ln_inner")))
+
+
 def _plain_timm_attention(module: nn.Module) -> bool:
     """timm's ViT ``Attention`` without the extras the rewrite does not carry (q/k norm, output norm, gate)."""
     try:
@@ -90,6 +200,12 @@ def xnnpack_friendly(model: nn.Module) -> dict[str, int]:
                 counts["layer_norm"] += 1
             elif _plain_timm_attention(child):
                 setattr(parent, name, BmmAttention(child))
+                counts["attention"] += 1
+            elif _plain_multihead_attention(child):
+                setattr(parent, name, BmmMultiheadAttention(child))
+                counts["attention"] += 1
+            elif _plain_open_clip_attention(child):
+                setattr(parent, name, BmmOpenClipAttention(child))
                 counts["attention"] += 1
             else:
                 visit(child)
