@@ -365,6 +365,12 @@ def _render_model(info: dict) -> None:
         inp = f"{t['input']['shape']} {t['input']['dtype']}" if t["input"] else "-"
         table.add_row(name, _fmt_count(t["params"]), _fmt_count(t["macs"]), inp, str(t["output"]["shape"]))
     out.print(table)
+    for name, t in info["towers"].items():
+        split = t.get("macs_split") or {}
+        if split.get("attention_matmuls"):
+            out.print(f"{name} MACs: {_fmt_count(t['macs'])} = {_fmt_count(split['weight_layers'])} in layers with "
+                      f"weights + {_fmt_count(split['attention_matmuls'])} in attention matmuls (activation x "
+                      "activation; weights-only counts such as fvcore's leave these out)", markup=False)
     pre = info["preprocess"]
     out.print(f"embedding dim {info['embedding_dim']}, logit scale {info['logit_scale']}"
               + (f", logit bias {info['logit_bias']:.4f}" if info["logit_bias"] is not None else ""))

@@ -32,6 +32,7 @@ MODELS = {
     "open_clip convnext_tiny": ("open_clip-convnext", None),
     "open_clip RN50": ("open_clip-resnet", None),
 }
+TARGETS = ("cpu", "jetson", "edgetpu", "android-tflite", "android", "ios")
 
 
 def log(text: str) -> None:
@@ -48,8 +49,15 @@ def edgec(*args: str, cwd: Path | None = None, timeout: int = 7200) -> tuple[int
 
 
 def onnx_macs(path: Path) -> int:
+    """Multiply-accumulates of an ONNX graph's Conv, MatMul and Gemm nodes (see :func:`onnx_mac_split`)."""
+    return onnx_mac_split(path)["total"]
+
+
+def onnx_mac_split(path: Path) -> dict[str, int]:
     """Multiply-accumulates of an ONNX graph's Conv, MatMul and Gemm nodes, with the shapes their tensors take
-    when onnxruntime runs the graph once on zeros (every such tensor exposed as an output)."""
+    when onnxruntime runs the graph once on zeros (every such tensor exposed as an output): ``total`` and
+    ``attention_matmuls``, the MatMuls neither of whose inputs is computed from constants alone (initializers,
+    Constant nodes and what is computed from them only: weights, however the exporter reshaped them)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -58,6 +66,10 @@ def onnx_macs(path: Path) -> int:
     g = model.graph
     nodes = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     const = {t.name: list(t.dims) for t in g.initializer}
+    constant = set(const)
+    for n in g.node:  # graph order is topological
+        if all(x in constant or not x for x in n.input):
+            constant.update(n.output)
     names = list(dict.fromkeys(x for n in nodes for x in (n.input[0], n.input[1], n.output[0]) if x not in const))
     present = {o.name for o in g.output}
     g.output.extend(onnx.ValueInfoProto(name=x) for x in names if x not in present)
@@ -68,16 +80,19 @@ def onnx_macs(path: Path) -> int:
         feeds[i.name] = np.zeros(shape, np.int64 if "int64" in i.type else np.int32 if "int32" in i.type else np.float32)
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     shape = {**const, **{k: list(v.shape) for k, v in outs.items()}}
-    total = 0
+    total = attention = 0
     for n in nodes:
         out = shape[n.output[0]]
         if n.op_type == "Conv":
-            total += int(np.prod(out)) * int(np.prod(shape[n.input[1]][1:]))
+            macs = int(np.prod(out)) * int(np.prod(shape[n.input[1]][1:]))
         else:
             a = shape[n.input[0]]
             trans_a = any(at.name == "transA" and at.i for at in n.attribute)
-            total += int(np.prod(out)) * int(a[-2] if trans_a else a[-1])
-    return total
+            macs = int(np.prod(out)) * int(a[-2] if trans_a else a[-1])
+        total += macs
+        if n.op_type == "MatMul" and n.input[0] not in constant and n.input[1] not in constant:
+            attention += macs
+    return {"total": total, "attention_matmuls": attention}
 
 
 def write_config(folder: Path, model: Path, arch: str | None, data: Path) -> Path:
@@ -94,7 +109,7 @@ def write_config(folder: Path, model: Path, arch: str | None, data: Path) -> Pat
 
 
 def bench_model(label: str, family: str, arch_override: str | None, work: Path, data: Path, targets: list[str],
-                on_cell=lambda row: None) -> dict:
+                on_cell=lambda row: None, macs_only: bool = False) -> dict:
     import torch
 
     from ..models import load_model
@@ -117,6 +132,7 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
         return row
     info = json.loads(stdout)
     row["inspect"] = {"image_macs": info["towers"]["image"]["macs"], "image_params": info["towers"]["image"]["params"],
+                      "image_attention_macs": (info["towers"]["image"].get("macs_split") or {}).get("attention_matmuls"),
                       "embedding_dim": info["embedding_dim"], "input": info["towers"]["image"]["input"]["shape"]}
     # independent count: the image tower's own ONNX graph
     from ..backends.onnx import export
@@ -125,10 +141,14 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
     onnx_path = folder / "image_tower.onnx"
     with torch.no_grad():
         export(model.image_encoder, tuple(row["inspect"]["input"]), onnx_path, dynamic_batch=False)
-    row["inspect"]["onnx_macs"] = onnx_macs(onnx_path)
-    log(f"{label}: image MACs {row['inspect']['image_macs'] / 1e9:.3f} G (inspect) vs "
-        f"{row['inspect']['onnx_macs'] / 1e9:.3f} G (ONNX graph)")
+    theirs = onnx_mac_split(onnx_path)
+    row["inspect"]["onnx_macs"], row["inspect"]["onnx_attention_macs"] = theirs["total"], theirs["attention_matmuls"]
+    log(f"{label}: image MACs {row['inspect']['image_macs'] / 1e9:.3f} G (inspect; attention matmuls "
+        f"{(row['inspect']['image_attention_macs'] or 0) / 1e9:.3f} G) vs {theirs['total'] / 1e9:.3f} G (ONNX graph; "
+        f"{theirs['attention_matmuls'] / 1e9:.3f} G)")
     del model
+    if macs_only:
+        return row
     config = write_config(folder, built.path, built.arch, data)
     if (folder / "build" / "golden").is_dir():  # same seed, same model: the golden set of an earlier run stands
         code, error, secs = 0, "", 0.0
@@ -187,13 +207,18 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
            f"`make bench-breadth` on this machine ({threads}); every cell ran here: `compile` then `verify` (exit code "
            "and the one error line when not 0). cosine: verify's cosine_mean to the eager teacher on the golden images. "
            "Edge TPU: share of ops in the TPU's one subgraph (edgec's op-list check; gate >= 0.95). XNNPACK: share of "
-           "nodes delegated in the shipped .pte.", "",
+           "nodes delegated in the shipped .pte. Image MACs: `edgec inspect`'s count beside one read from the "
+           "tower's exported ONNX graph (Conv, MatMul, Gemm), with, in brackets, the part in attention matmuls "
+           "(activation x activation: Q K^T and A V; weights-only counts such as fvcore's leave it out).", "",
            "| model | image MACs (inspect / ONNX graph) | " + " | ".join(targets) + " |",
            "|---|---|" + "---|" * len(targets)]
     for r in rows:
         ins = r.get("inspect", {})
         if "image_macs" in ins:
             macs = f"{ins['image_macs'] / 1e9:.2f} G / {ins['onnx_macs'] / 1e9:.2f} G"
+            if ins.get("image_attention_macs") is not None and ins.get("onnx_attention_macs") is not None:
+                macs += (f" (attention matmuls {ins['image_attention_macs'] / 1e9:.2f} G / "
+                         f"{ins['onnx_attention_macs'] / 1e9:.2f} G)")
         else:
             macs = f"inspect exit {ins.get('exit')}: {ins.get('error', '')}"
         cells = []
@@ -230,13 +255,33 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of an earlier run with this run's measurements over them, in MODELS order: a model run again
+    gets this run's inspect and golden results, and its cells for the targets this run built replace the earlier
+    ones (the cells of targets this run did not build stay)."""
+    by_model = {r["model"]: r for r in earlier}
+    for r in new:
+        old = by_model.get(r["model"], {})
+        by_model[r["model"]] = {**r, "targets": {**old.get("targets", {}), **r["targets"]}}
+    order = list(MODELS) + [m for m in by_model if m not in MODELS]
+    return [by_model[m] for m in order if m in by_model]
+
+
+def columns(rows: list[dict], targets: list[str]) -> list[str]:
+    """The table's targets: this run's and those of earlier rows, in the default order."""
+    seen = set(targets) | {t for r in rows for t in r["targets"]}
+    return [t for t in TARGETS if t in seen] + [t for t in targets if t not in TARGETS]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="edgec on real-size teachers, every target")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
-    ap.add_argument("--targets", default="cpu,jetson,edgetpu,android-tflite,android,ios")
+    ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgec-bench-breadth"))
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--fresh", action="store_true", help="remove the work folder first")
+    ap.add_argument("--macs-only", action="store_true", help="inspect and the ONNX graph's MAC count only (the "
+                                                             "cells of earlier runs stay)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the section from the work folder's results "
                                                                "(and each target's verify.json) without running anything")
     a = ap.parse_args(argv)
@@ -269,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         c["coreml_share"] = variant["delegation"].get("delegated_share")
                 except (OSError, json.JSONDecodeError):
                     pass
-        write_section(a.benchmarks, SECTION, markdown(rows, targets, f"{os.cpu_count()} cores, torch threads default"))
+        write_section(a.benchmarks, SECTION, markdown(rows, columns(rows, targets),
+                                                      f"{os.cpu_count()} cores, torch threads default"))
         return 0
     if a.fresh:
         shutil.rmtree(a.work, ignore_errors=True)
@@ -285,13 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = f"{os.cpu_count()} cores, torch threads default"
 
     def save(row: dict) -> None:  # after every cell: an interrupted run keeps what it measured
-        done = [r for r in rows if r["model"] != row["model"]] + [row]
+        # rows of earlier runs in this work folder stay in the table (a run of some models adds or replaces theirs)
+        earlier = json.loads(results.read_text()) if results.is_file() else []
+        done = merge_rows(earlier, [r for r in rows if r["model"] != row["model"]] + [row])
         results.write_text(json.dumps(done, indent=2))
-        write_section(a.benchmarks, SECTION, markdown(done, targets, threads))
+        write_section(a.benchmarks, SECTION, markdown(done, columns(done, targets), threads))
 
     for label in models:
         family, arch = MODELS[label]
-        rows.append(bench_model(label, family, arch, a.work, data, targets, on_cell=save))
+        rows.append(bench_model(label, family, arch, a.work, data, [] if a.macs_only else targets, on_cell=save,
+                                macs_only=a.macs_only))
         save(rows[-1])
         log(f"wrote {a.benchmarks} (section {SECTION}) and {results}")
     return 0

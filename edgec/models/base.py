@@ -183,19 +183,52 @@ def _sdpa_ops() -> dict:
     return {getattr(aten, n): _sdpa_flops for n in names if hasattr(aten, n)}
 
 
-def count_macs(module: nn.Module, example: torch.Tensor, *, by_op: bool = False) -> int | tuple[int, dict[str, int]]:
+def _classified(registry: dict, weights: set[int], kinds: dict[str, int]) -> dict:
+    """The FLOP formulas of ``registry``, each also adding its count to ``kinds["weight_layers"]`` when one of its
+    tensor operands is a parameter or buffer of the module (same storage: views and transposes included), else
+    to ``kinds["attention_matmuls"]`` (matmuls of two activations: attention's scores and values)."""
+    def wrap(formula):
+        def raw(*args, out_val=None, **kwargs):
+            flops = formula(*args, out_val=out_val, **kwargs)
+            operands = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            on_weights = any(t.untyped_storage().data_ptr() in weights for t in operands)
+            kinds["weight_layers" if on_weights else "attention_matmuls"] += int(flops)
+            return flops
+
+        raw._get_raw = True  # the counter passes tensors, not shapes
+        return raw
+
+    return {op: wrap(f) for op, f in registry.items()}
+
+
+def count_mac_split(module: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """MACs of one forward pass (as :func:`count_macs`) split into ``weight_layers`` (convolutions and linears:
+    one operand is a weight) and ``attention_matmuls`` (both operands are activations: Q K^T and A V, the
+    part a weights-only count such as fvcore's leaves out), with their ``total``."""
+    return count_macs(module, example, split=True)
+
+
+def count_macs(module: nn.Module, example: torch.Tensor, *, by_op: bool = False, split: bool = False):
     """Multiply-accumulates of one forward pass (PyTorch's FLOP counter / 2), on the plain math path of
     attention (what an exported graph computes), attention's two matmuls included. ``by_op``: also the
-    MACs per ATen op (convolution, addmm, mm, bmm, sdpa...)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    MACs per ATen op (convolution, addmm, mm, bmm, sdpa...). ``split``: a dict, see :func:`count_mac_split`."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, shape_wrapper
 
     was_training = module.training
     module.eval()
-    counter = FlopCounterMode(display=False, custom_mapping=_sdpa_ops())
+    custom = _sdpa_ops()
+    kinds = {"weight_layers": 0, "attention_matmuls": 0}
+    if split:
+        weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+        registry = {**flop_registry, **{op: shape_wrapper(f) for op, f in custom.items()}}
+        custom = _classified(registry, weights, kinds)
+    counter = FlopCounterMode(display=False, custom_mapping=custom)
     with counter, torch.inference_mode(), attention_math_path():
         module(example)
     module.train(was_training)
     total = int(counter.get_total_flops() // 2)
+    if split:
+        return {"total": total, **{k: v // 2 for k, v in kinds.items()}}
     if not by_op:
         return total
     per_op = {str(op).replace("aten.", ""): int(v // 2) for op, v in counter.get_flop_counts().get("Global", {}).items()}

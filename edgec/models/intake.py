@@ -10,7 +10,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 from ..errors import InputError
-from .base import MultimodalModel, check_vocabulary, count_macs, plain_attention
+from .base import MultimodalModel, check_vocabulary, count_mac_split, count_macs, plain_attention
 
 
 class ModelKind(str, enum.Enum):
@@ -95,9 +95,12 @@ def describe(model: MultimodalModel, *, macs: bool = True) -> dict:
     towers = {}
     for name, tower in model.towers().items():
         x = examples.get(name)
+        split = count_mac_split(tower, x) if macs and x is not None else None
         towers[name] = {
             "params": params[name],
-            "macs": count_macs(tower, x) if macs and x is not None else None,
+            "macs": split["total"] if split else None,
+            # weights-only counts (fvcore's, most papers') leave out the matmuls of two activations
+            "macs_split": {k: split[k] for k in ("weight_layers", "attention_matmuls")} if split else None,
             "input": {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} if x is not None else None,
             "output": {"shape": [1, model.embed_dim], "dtype": "float32"},
         }
