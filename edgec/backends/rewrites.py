@@ -13,7 +13,9 @@ XNNPACK delegates (linear, bmm, sub, mul, add, div, sqrt, softmax, reshape, tran
   attentional pooler) and open_clip's own plain ``Attention``. ``nn.MultiheadAttention`` exports (math
   path) to ``unflatten``/``select``/``squeeze`` copies around its packed projection and to the math
   attention's ``safe softmax`` (``eq``/``logical_not``/``any``/``where``/``full_like``), none of which
-  XNNPACK takes: an open_clip ViT was cut into ~5 delegate subgraphs per block.
+  XNNPACK takes: an open_clip ViT was cut into ~5 delegate subgraphs per block;
+* :class:`BmmHFAttention`: the same for Hugging Face ``CLIPAttention`` and ``SiglipAttention`` (their
+  default SDPA attention exports to that same safe softmax).
 
 They are exact up to float rounding (tested against the original module to 1e-5).
 """
@@ -78,7 +80,8 @@ class BmmMultiheadAttention(nn.Module):
     plain softmax. Keeps the module's call signature and its ``(output, weights)`` result."""
 
     def __init__(self, mha: nn.MultiheadAttention | None = None, *, heads: int = 0, in_proj: tuple = (),
-                 in_bias: torch.Tensor | None = None, out_proj: nn.Module | None = None, batch_first: bool = True) -> None:
+                 in_bias: torch.Tensor | None = None, out_proj: nn.Module | None = None, batch_first: bool = True,
+                 scale: float | None = None) -> None:
         super().__init__()
         if mha is not None:
             e = mha.embed_dim
@@ -89,7 +92,7 @@ class BmmMultiheadAttention(nn.Module):
                 in_proj = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
         e = in_proj[0].shape[0]
         self.heads, self.head_dim, self.batch_first = heads, e // heads, batch_first
-        scale = self.head_dim ** -0.5
+        scale = self.head_dim ** -0.5 if scale is None else scale
         self.q, self.k, self.v = (nn.Linear(w.shape[1], e, bias=in_bias is not None) for w in in_proj)
         with torch.no_grad():
             for i, (lin, w) in enumerate(zip((self.q, self.k, self.v), in_proj, strict=True)):
@@ -161,6 +164,40 @@ class BmmOpenClipAttention(BmmMultiheadAttention):
         return self.attend(x, x, x, attn_mask)[0]
 
 
+class BmmHFAttention(BmmMultiheadAttention):
+    """Hugging Face ``CLIPAttention`` / ``SiglipAttention`` (q/k/v/out projections, bidirectional; the attention
+    function chosen by ``config._attn_implementation``, SDPA by default, whose math decomposition XNNPACK
+    does not take). ``forward(hidden_states, attention_mask)`` -> ``(output, None)``; an additive
+    (B, 1, L, S) mask as HF builds it."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        biased = all(p.bias is not None for p in projections)
+        super().__init__(heads=attn.num_heads, in_proj=tuple(p.weight.detach() for p in projections),
+                         in_bias=torch.cat([p.bias.detach() for p in projections]) if biased else None,
+                         out_proj=attn.out_proj, batch_first=True, scale=attn.scale)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,  # type: ignore[override]
+                **kwargs) -> tuple[torch.Tensor, None]:
+        b, n, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attention_mask.expand(b, self.heads, n, n).reshape(b * self.heads, n, n)
+        return self.attend(hidden_states, hidden_states, hidden_states, attention_mask)[0], None
+
+
+_HF_ATTENTION = ("CLIPAttention", "SiglipAttention")
+
+
+def _plain_hf_attention(module: nn.Module) -> bool:
+    """HF CLIP/SigLIP attention without a causal flag, with all four projections as plain linears (bias all or none)."""
+    if type(module).__name__ not in _HF_ATTENTION or not type(module).__module__.startswith("transformers."):
+        return False
+    projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if not all(type(p) is nn.Linear for p in projections) or getattr(module, "is_causal", True):
+        return False
+    return len({p.bias is None for p in projections[:3]}) == 1
+
+
 def _plain_multihead_attention(module: nn.Module) -> bool:
     """``nn.MultiheadAttention`` without the rarely used learned extra key/value (``add_bias_kv``) or zero
     attention row (``add_zero_attn``), which the rewrite does not carry."""
@@ -206,6 +243,9 @@ def xnnpack_friendly(model: nn.Module) -> dict[str, int]:
                 counts["attention"] += 1
             elif _plain_open_clip_attention(child):
                 setattr(parent, name, BmmOpenClipAttention(child))
+                counts["attention"] += 1
+            elif _plain_hf_attention(child):
+                setattr(parent, name, BmmHFAttention(child))
                 counts["attention"] += 1
             else:
                 visit(child)
