@@ -10,7 +10,9 @@ their tensor names; :func:`tflite_layer` reads it back for ops found in a conver
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -235,16 +237,36 @@ def tflite_taps(path, x: np.ndarray) -> list[tuple[list[str], str | None, np.nda
     return taps
 
 
-TAPS = {"onnx": onnx_taps, "tflite": tflite_taps}
+def pte_taps(path, x: np.ndarray, rebuild) -> tuple[list, dict]:
+    """ExecuTorch: the target's program rebuilt with the artifact's weights, run undelegated, module outputs tapped
+    (:func:`edgec.backends.executorch.diagnosis_taps`)."""
+    from .executorch import diagnosis_taps
+
+    return diagnosis_taps(path, x, rebuild)
 
 
-def artifact_taps(path, fmt: str, x: np.ndarray) -> list[tuple[list[str], str | None, np.ndarray]]:
-    """The intermediate tensors of an artifact, by format; InputError for a format without layer taps here."""
+@dataclasses.dataclass
+class Rebuild:
+    """What a format whose runtime cannot show intermediate tensors needs to rebuild the target's program: the float
+    encoder it was compiled from, the manifest and its artifact record, the calibration set (loaded on demand)."""
+
+    encoder: object
+    manifest: dict
+    artifact: dict
+    calibration: Callable[[], object]
+    log: Callable[[str], None] = print
+
+
+TAPS = {"onnx": lambda path, x, rebuild: (onnx_taps(path, x), {}),
+        "tflite": lambda path, x, rebuild: (tflite_taps(path, x), {}),
+        "pte": pte_taps}
+
+
+def artifact_taps(path, fmt: str, x: np.ndarray, rebuild: Rebuild | None = None) -> tuple[list, dict]:
+    """The intermediate tensors of an artifact, by format, in execution order ((module-path tokens, class or None,
+    values)), and notes on how they were obtained; InputError for a format without layer taps here."""
     if fmt not in TAPS:
-        why = {"pte": ": in ExecuTorch's ETDump only whole XNNPACK delegate calls carry outputs (the ops inside a "
-                      "delegate log none), and naming them after PyTorch modules needs an ETRecord, which compile "
-                      "does not write"}.get(fmt, "")
-        raise InputError(f"edgec diagnose cannot read the intermediate tensors of a .{fmt} artifact{why}",
+        raise InputError(f"edgec diagnose cannot read the intermediate tensors of a .{fmt} artifact",
                          hint=f"layer-by-layer diagnosis covers {', '.join('.' + f for f in TAPS)} artifacts; compile "
-                              "the model for cpu or android-tflite and diagnose that")
-    return TAPS[fmt](path, x)
+                              "the model for cpu, android-tflite or android and diagnose that")
+    return TAPS[fmt](path, x, rebuild)

@@ -225,3 +225,183 @@ BACKEND = Backend(
     runner=runner, delegates=("coreml",),
     notes=("ExecuTorch's Python runtime imports torch: verifying .pte artifacts needs torch installed.",),
 )
+
+
+# ------------------------------------------------------------------------------------------- edgec diagnose
+# XNNPACK delegates log only their whole calls' outputs in ETDump, and tapping tensors inside a delegate changes
+# its partitions (executorch 1.5.1's intermediate_output_tap either pulls layers out of XNNPACK or fails to resize
+# int8 delegate outputs). So the per-layer run is the target's program rebuilt as compile made it (the manifest's
+# method, calibration and float layers) with the artifact's own weights put back, lowered WITHOUT a delegate
+# (portable + quantized kernels), every module's output tapped as an extra program output.
+
+UNDELEGATED = ("the per-layer run is the target's program rebuilt from the float model (the manifest's calibration "
+               "and method) with the artifact's weights, run undelegated in the ExecuTorch runtime (portable and "
+               "quantized kernels; XNNPACK's kernels can round differently)")
+_Q = "quantized_decomposed.quantize_per_tensor.default"
+
+
+def _named_data(path: Path) -> dict[str, bytes]:
+    """The ``.pte``'s named data (XNNPACK's constant tensors), keyed by the sha256 of the bytes as lowered."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    named = deserialize_pte_binary(Path(path).read_bytes()).named_data
+    if named is None:
+        return {}
+    return {key: bytes(getattr(named.buffers[entry.buffer_index], "buffer", named.buffers[entry.buffer_index]))
+            for key, entry in named.pte_data.items()}
+
+
+def _layouts(t):
+    """Element orders XNNPACK serialises a constant in: as is, and NHWC for 4-d (conv) weights."""
+    import torch
+
+    idx = torch.arange(t.numel()).reshape(t.shape)
+    orders = [idx.flatten()]
+    if t.dim() == 4:
+        orders.append(idx.permute(0, 2, 3, 1).flatten())
+    return orders
+
+
+def artifact_weights(ep, path: Path) -> dict:
+    """Put the ``.pte``'s own constant tensors into ``ep`` (in place), found by the hash XNNPACK keys them under
+    (computed from the rebuilt program's tensor). Returns counts: rebuilt constants found in the artifact, and
+    how many of those hold other bytes there than the rebuild made (a changed or corrupted artifact)."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    named = _named_data(path)
+    sig = ep.graph_signature
+    used = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    found = differ = total = 0
+    for fqn in dict.fromkeys(used.values()):
+        t = ep.state_dict.get(fqn, ep.constants.get(fqn))
+        if not isinstance(t, torch.Tensor) or t.numel() < 2:
+            continue
+        total += 1
+        flat = t.detach().contiguous().reshape(-1)
+        for order in _layouts(t):
+            data = flat[order].numpy().tobytes()
+            key = hashlib.sha256(data).hexdigest()
+            if key not in named or len(named[key]) != len(data):
+                continue
+            found += 1
+            if named[key] != data:
+                differ += 1
+                values = np.frombuffer(named[key], dtype=flat.numpy().dtype)
+                new = np.empty_like(values)
+                new[order.numpy()] = values
+                with torch.no_grad():
+                    t.copy_(torch.from_numpy(new).reshape(t.shape))
+            break
+    return {"constants": total, "from_artifact": found, "differ_from_rebuild": differ}
+
+
+def _no_zero_over_zero(gm) -> int:
+    """Divisors that are a square root clamped to at least 1e-12 in the converted GraphModule (in place); returns
+    how many.
+
+    The LayerNorm rewrite divides x - mean by sqrt(var + eps); when var + eps quantizes to 0 (a constant row, such
+    as a class token) that is 0 / 0. The normalised row is 0, and the shipped .pte (XNNPACK) agrees with the float
+    model, while ExecuTorch's portable quantize turns the NaN into -128, which attention spreads to every token."""
+    import torch
+
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or "div" not in str(node.target) or len(node.args) < 2
+                or not isinstance(node.args[1], torch.fx.Node) or "sqrt" not in str(node.args[1].target)):
+            continue
+        with graph.inserting_before(node):
+            floor = graph.call_function(torch.ops.aten.clamp.default, (node.args[1], 1e-12))
+        node.replace_input_with(node.args[1], floor)
+        count += 1
+    gm.recompile()
+    return count
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def diagnosis_taps(path: Path, x, rebuild) -> tuple[list, dict]:
+    """Each module's output (in execution order: module-path tokens, no class, values for every input) from the
+    undelegated rebuild of the target's program, and notes: what ran, the artifact's whole outputs."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from .. import registry
+    from ..errors import InputError
+
+    require_module("executorch", install="executorch", purpose="diagnosing .pte artifacts")
+    import executorch.kernels.quantized  # noqa: F401 - the out variants of quantize/dequantize for the program
+    from executorch.devtools.intermediate_output_tap import FULL_TENSOR, strip_taps_, tap_intermediate_outputs_
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime, Verification
+
+    manifest, art = rebuild.manifest, rebuild.artifact
+    spec = registry.get("targets", manifest["target"]).spec
+    model, _ = prepared(rebuild.encoder, spec)
+    shape = tuple(manifest["inputs"][0]["shape"])
+    example = (torch.zeros(*shape),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if art.get("precision") == "int8":
+            q = manifest.get("quantization") or {}
+            calib = rebuild.calibration()
+            if q.get("calibration_sha256") and calib.sha256 != q["calibration_sha256"]:
+                raise InputError("the calibration images are not the ones the artifact was quantized with (sha256 "
+                                 f"{calib.sha256[:12]}... vs {q['calibration_sha256'][:12]}... in the manifest)",
+                                 hint="pass the --config the target was built with, or compile the target again")
+            rebuild.log(f"diagnose: rebuilding the int8 program ({q.get('method')} ranges, {len(calib.images)} "
+                        f"calibration images, {len(q.get('float_layers') or [])} float layers)")
+            with tempfile.TemporaryDirectory() as work:
+                prog = program(model, shape, spec, calib, q.get("method") or "histogram", q.get("percentile") or 99.999,
+                               Path(work), prepared_model=True)
+                gm = prog.convert(frozenset(la["name"] for la in q.get("float_layers") or []))
+            _no_zero_over_zero(gm)
+            ep = torch.export.export(gm, example)
+        else:
+            ep = torch.export.export(model, example)
+    weights = artifact_weights(ep, path)
+    last: dict[str, object] = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and _module_path(node) and isinstance(node.meta.get("val"), torch.Tensor):
+            last[_module_path(node)] = node
+    taps, dequant = {}, {}
+    for module, node in last.items():
+        users = list(node.users)
+        if len(users) == 1 and str(users[0].target) == _Q:  # the module's output as the next op takes it (int8)
+            dequant[users[0].name] = (float(users[0].args[1]), int(users[0].args[2]))
+            node = users[0]
+        taps[node.name] = module
+    rebuild.log(f"diagnose: lowering the program undelegated with {len(taps)} module outputs tapped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep, specs = tap_intermediate_outputs_(ep, (lambda n: n.name in taps, FULL_TENSOR))
+        edge = to_edge_transform_and_lower(ep, partitioner=[])
+        strip_taps_(edge)
+        buffer = edge.to_executorch().buffer
+    runtime = Runtime.get()
+    method = runtime.load_program(buffer, verification=Verification.Minimal).load_method("forward")
+    shipped = runtime.load_program(Path(path).read_bytes(), verification=Verification.Minimal).load_method("forward")
+    rows, finals, whole = [], [], []
+    for i in range(len(x)):
+        xi = torch.from_numpy(np.ascontiguousarray(x[i:i + 1], dtype=np.float32))
+        out = method.execute([xi])
+        rows.append([out[s.output_index] for s in specs])
+        finals.append(out[0].float().numpy())
+        whole.append(shipped.execute([xi])[0].float().numpy())
+    result = []
+    for j, s in enumerate(specs):
+        values = np.concatenate([r[j].float().numpy()[None] if r[j].dim() == 0 else r[j].float().numpy() for r in rows])
+        if s.node_name in dequant:
+            scale, zero = dequant[s.node_name]
+            values = (values - zero) * scale
+        result.append((taps[s.node_name].split("."), None, values.astype(np.float32)))
+    notes = {"per_layer_run": UNDELEGATED, "weights": weights,
+             "artifact_output": np.concatenate(whole), "rebuilt_output": np.concatenate(finals)}
+    return result, notes

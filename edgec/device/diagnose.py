@@ -114,7 +114,7 @@ def float_encoder(cfg, manifest: dict, target: str):
 def diagnose(folder: str | Path, cfg, *, golden: str | Path | None = None, images: int = DEFAULT_IMAGES,
              threshold: float = DEFAULT_THRESHOLD, show: int = 5, log=print) -> dict:
     """Compare the target's image artifact with its float model layer by layer on ``images`` golden inputs."""
-    from ..backends.diagnose import _relative, artifact_taps
+    from ..backends.diagnose import Rebuild, _relative, artifact_taps
     from ..data.preprocess import Preprocess
     from ..manifest import read_manifest
     from ..verify.golden import load_golden
@@ -141,7 +141,22 @@ def diagnose(folder: str | Path, cfg, *, golden: str | Path | None = None, image
     log(f"diagnose: {target}/{art['path']} vs the float model on {len(keep)} golden images")
     encoder = float_encoder(cfg, manifest, target)
     ref, order, classes = float_outputs(encoder, x_float)
-    taps = artifact_taps(path, art["format"], x_art)
+    rebuild = Rebuild(encoder, manifest, art, lambda: _calibration(cfg, Preprocess.from_json(pre)), log)
+    taps, notes = artifact_taps(path, art["format"], x_art, rebuild)
+    whole = None
+    if "artifact_output" in notes:  # the per-layer run is not the artifact: the shipped file, whole, is compared too
+        shipped, rebuilt = notes.pop("artifact_output"), notes.pop("rebuilt_output")
+        whole = {k: None if c is None else round(c, 6) for k, c in (
+            ("artifact_vs_float", _cosine(shipped, ref[""])), ("rebuilt_vs_float", _cosine(rebuilt, ref[""])),
+            ("artifact_vs_rebuilt", _cosine(shipped, rebuilt)))}
+        log(f"diagnose: {notes['per_layer_run']}")
+        w = notes.get("weights") or {}
+        if w:
+            log(f"diagnose: {w['from_artifact']} of the rebuilt program's {w['constants']} constant tensors found in "
+                f"{art['path']} and run with its bytes ({w['differ_from_rebuild']} differ from the rebuild's)")
+        log(f"diagnose: whole outputs, cosine to the float model: the shipped {art['path']} "
+            f"{whole['artifact_vs_float']}, the rebuilt program {whole['rebuilt_vs_float']} (to each other "
+            f"{whole['artifact_vs_rebuilt']})")
     paths = {p: p.split(".") if p else [] for p in ref}
     last: dict[str, np.ndarray] = {}  # module -> last artifact tensor made inside it (or in a child)
     for tokens, cls, value in taps:
@@ -175,8 +190,22 @@ def diagnose(folder: str | Path, cfg, *, golden: str | Path | None = None, image
     first = [r for r in rows if r["diverges"]][:show]
     fix = _fix(target, art, first)
     report = {"target": target, "artifact": art["path"], "precision": art.get("precision"), "images": len(keep),
-              "threshold": threshold, "layers": rows, "first_divergent": first, "fix": fix}
+              "threshold": threshold, "layers": rows, "first_divergent": first, "fix": fix, **notes}
+    if whole is not None:
+        report["whole_output"] = whole
     return report
+
+
+def _calibration(cfg, preprocess):
+    """The calibration set as compile loads it from edgec.toml (for a backend that rebuilds the int8 program)."""
+    from ..quantize.calibration import CalibrationSpec, load_calibration
+
+    if not cfg.calibration.path:
+        raise InputError("edgec.toml has no [calibration] path, which the int8 program was calibrated with",
+                         hint="run diagnose with the edgec.toml the target was built from")
+    spec = CalibrationSpec(cfg.resolve(cfg.calibration.path), cfg.calibration.num_images, cfg.calibration.min_images,
+                           cfg.calibration.seed, cfg.data.max_bad_fraction)
+    return load_calibration(spec, preprocess)
 
 
 def _fix(target: str, art: dict, first: list[dict]) -> str:
