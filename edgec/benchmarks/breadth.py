@@ -257,12 +257,13 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
 
 def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
     """The rows of an earlier run with this run's measurements over them, in MODELS order: a model run again
-    gets this run's inspect and golden results, and its cells for the targets this run built replace the earlier
-    ones (the cells of targets this run did not build stay)."""
+    gets this run's inspect and golden results (the earlier ones until this run has its own), and its cells for
+    the targets this run built replace the earlier ones (the cells of targets this run did not build stay)."""
     by_model = {r["model"]: r for r in earlier}
     for r in new:
         old = by_model.get(r["model"], {})
-        by_model[r["model"]] = {**r, "targets": {**old.get("targets", {}), **r["targets"]}}
+        kept = {"inspect": old["inspect"]} if "inspect" in old else {}
+        by_model[r["model"]] = {**kept, **r, "targets": {**old.get("targets", {}), **r["targets"]}}
     order = list(MODELS) + [m for m in by_model if m not in MODELS]
     return [by_model[m] for m in order if m in by_model]
 

@@ -185,12 +185,13 @@ def _sdpa_ops() -> dict:
 
 def _classified(registry: dict, weights: set[int], kinds: dict[str, int]) -> dict:
     """The FLOP formulas of ``registry``, each also adding its count to ``kinds["weight_layers"]`` when one of its
-    tensor operands is a parameter or buffer of the module (same storage: views and transposes included), else
-    to ``kinds["attention_matmuls"]`` (matmuls of two activations: attention's scores and values)."""
+    operands (the first three positional arguments: input and weight of a convolution, bias and factors of an
+    addmm, q/k/v of an attention kernel, not its mask) is a parameter or buffer of the module (same storage:
+    views and transposes included), else to ``kinds["attention_matmuls"]`` (matmuls of two activations)."""
     def wrap(formula):
         def raw(*args, out_val=None, **kwargs):
             flops = formula(*args, out_val=out_val, **kwargs)
-            operands = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            operands = [t for t in args[:3] if isinstance(t, torch.Tensor)]
             on_weights = any(t.untyped_storage().data_ptr() in weights for t in operands)
             kinds["weight_layers" if on_weights else "attention_matmuls"] += int(flops)
             return flops

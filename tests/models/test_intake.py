@@ -351,6 +351,8 @@ def test_open_clip_attention_math_path_macs_and_export(tiny_open_clip, tmp_path,
     split = _vit_mac_split(image=32, patch=8, width=32, layers=2, mlp=4 * 32, out=24)
     assert info["towers"]["image"]["macs_split"] == {k: split[k] for k in ("weight_layers", "attention_matmuls")}
     assert split["attention_matmuls"] == 2 * 2 * 17 * 17 * 32  # 2 blocks x (Q K^T, A V) x 17 tokens^2 x width
+    # the text tower's causal mask (a buffer) does not make its attention a layer with weights
+    assert info["towers"]["text"]["macs_split"]["attention_matmuls"] == 2 * 2 * 16 * 16 * 32
     text = runner.invoke(app, ["inspect", str(ckpt), "--arch", str(arch)]).output
     assert (f"image MACs: {expected / 1e3:.2f}k = {split['weight_layers'] / 1e3:.2f}k in layers with weights + "
             f"{split['attention_matmuls'] / 1e3:.2f}k in attention matmuls") in " ".join(text.split()), text
