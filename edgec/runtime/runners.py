@@ -144,9 +144,16 @@ def edgetpu_delegate(mod, path: Path):
                  "model.int8.tflite beside it on the CPU") from None
 
 
+_POOL = {"epoch": 0}  # bumped whenever ExecuTorch's process-wide thread pool is replaced
+
+
 def set_executorch_threads(threads: int | None) -> int | None:
     """Size ExecuTorch's (process-wide) thread pool, as onnxruntime's and LiteRT's are sized per session; returns
-    the pool's size (None where this ExecuTorch has no pool API)."""
+    the pool's size (None where this ExecuTorch has no pool API).
+
+    Resetting the pool destroys the old one, and an XNNPACK delegate loaded before keeps a pointer to it
+    (running it then crashes, hangs or returns garbage): every :class:`ExecuTorchRunner` loads its program
+    after the reset and reloads it when the pool was replaced since (``_POOL["epoch"]``)."""
     try:
         from executorch.extension.pybindings import portable_lib
     except ImportError:
@@ -155,6 +162,7 @@ def set_executorch_threads(threads: int | None) -> int | None:
     reset = getattr(portable_lib, "_unsafe_reset_threadpool", None)
     if threads and reset is not None and get is not None and get() != threads:
         reset(int(threads))
+        _POOL["epoch"] += 1
     return get() if get is not None else None
 
 
@@ -164,21 +172,31 @@ class ExecuTorchRunner:
     def __init__(self, path: Path, threads: int | None = None) -> None:
         require_module("executorch.runtime", install="executorch (its Python runtime also needs torch)",
                        purpose="running a .pte artifact")
-        from executorch.runtime import Runtime
-
-        try:
-            self.method = Runtime.get().load_program(str(path)).load_method("forward")
-        except (RuntimeError, ValueError) as exc:
-            raise InputError(f"ExecuTorch cannot load {path}: {str(exc).splitlines()[0][:200]}",
-                             hint="the file is truncated or corrupt; compile the target again") from None
-        self.threads = set_executorch_threads(threads)
+        self.path, self.requested = Path(path), threads
+        self._load()
         self.executed_by = f"executorch (XNNPACK, portable kernels), {self.threads} thread(s)"
         meta = str(getattr(self.method, "metadata", ""))  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, ...
         self.batch = 1 if "sizes=[1," in meta else None
 
+    def _load(self) -> None:
+        from executorch.runtime import Runtime
+
+        self.threads = set_executorch_threads(self.requested)  # before loading: the delegate binds the pool it finds
+        try:
+            # the Program owns the loaded file the Method executes from: keep it alive as long as the Method
+            self.program = Runtime.get().load_program(str(self.path))
+            self.method = self.program.load_method("forward")
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"ExecuTorch cannot load {self.path}: {str(exc).splitlines()[0][:200]}",
+                             hint="the file is truncated or corrupt; compile the target again") from None
+        self.epoch = _POOL["epoch"]
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        if self.requested and set_executorch_threads(self.requested) != self.threads or self.epoch != _POOL["epoch"]:
+            self.method = self.program = None  # another runner replaced the pool: bind the new one
+            self._load()
         step = self.batch or len(x)
         outs = [self.method.execute([torch.from_numpy(np.ascontiguousarray(x[i : i + step]))])[0].numpy()
                 for i in range(0, len(x), step)]

@@ -94,3 +94,45 @@ def test_edge_tpu_program_without_libedgetpu_is_a_missing_toolchain(tmp_path):
     with pytest.raises(MissingToolchain, match="libedgetpu") as exc:
         open_runner(path, "litert")
     assert exc.value.exit_code == 3 and "libedgetpu1-std" in exc.value.hint
+
+
+POOL_SCRIPT = r"""
+import json, sys
+import numpy as np, torch
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.exir import to_edge_transform_and_lower
+from edgec.runtime.runners import open_runner
+
+x = torch.randn(1, 3, 96, 96)
+paths, nets = [], []
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, groups=32),
+                              torch.nn.Conv2d(64, 64, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(64, 8)).eval()
+    ep = torch.export.export(net, (x,))
+    path = sys.argv[1] + f"/net{seed}.pte"
+    open(path, "wb").write(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    paths.append(path); nets.append(net)
+runners = [open_runner(p, "executorch", threads=t) for p, t in zip(paths, (1, 2))]
+errors = []
+for _ in range(3):  # alternate: each call finds the pool the other runner left
+    for net, run in zip(nets, runners):
+        with torch.no_grad():
+            errors.append(float(np.abs(run(x.numpy()) - net(x).numpy()).max()))
+print(json.dumps(errors))
+"""
+
+
+def test_executorch_runners_with_different_pools_stay_correct(tmp_path):
+    """Replacing ExecuTorch's thread pool leaves delegates loaded before with a dangling pool (crash, hang or
+    garbage): runners load after sizing the pool and reload when another runner replaced it."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("executorch")
+    proc = subprocess.run([sys.executable, "-c", POOL_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 6 and max(errors) < 1e-4
