@@ -263,9 +263,10 @@ def _layouts(t):
 
 
 def artifact_weights(ep, path: Path) -> dict:
-    """Put the ``.pte``'s own constant tensors into ``ep`` (in place), found by the hash XNNPACK keys them under
-    (computed from the rebuilt program's tensor). Returns counts: rebuilt constants found in the artifact, and
-    how many of those hold other bytes there than the rebuild made (a changed or corrupted artifact)."""
+    """Put the ``.pte``'s own weight tensors (2-d and more) into ``ep`` (in place), found by the hash XNNPACK keys
+    them under (computed from the rebuilt program's tensor, as is or NHWC). Returns counts: the rebuild's weight
+    tensors, those found in the artifact, and how many of those hold other bytes there than the rebuild made (a
+    changed or corrupted artifact)."""
     import hashlib
 
     import numpy as np
@@ -277,8 +278,8 @@ def artifact_weights(ep, path: Path) -> dict:
     found = differ = total = 0
     for fqn in dict.fromkeys(used.values()):
         t = ep.state_dict.get(fqn, ep.constants.get(fqn))
-        if not isinstance(t, torch.Tensor) or t.numel() < 2:
-            continue
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:  # weights; biases, scales, zero points stay the rebuild's
+            continue  # (XNNPACK requantizes biases to int32 and keeps quantization parameters in its graph)
         total += 1
         flat = t.detach().contiguous().reshape(-1)
         for order in _layouts(t):
@@ -295,7 +296,7 @@ def artifact_weights(ep, path: Path) -> dict:
                 with torch.no_grad():
                     t.copy_(torch.from_numpy(new).reshape(t.shape))
             break
-    return {"constants": total, "from_artifact": found, "differ_from_rebuild": differ}
+    return {"weight_tensors": total, "from_artifact": found, "differ_from_rebuild": differ}
 
 
 def _no_zero_over_zero(gm) -> int:

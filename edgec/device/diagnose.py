@@ -152,7 +152,7 @@ def diagnose(folder: str | Path, cfg, *, golden: str | Path | None = None, image
         log(f"diagnose: {notes['per_layer_run']}")
         w = notes.get("weights") or {}
         if w:
-            log(f"diagnose: {w['from_artifact']} of the rebuilt program's {w['constants']} constant tensors found in "
+            log(f"diagnose: {w['from_artifact']} of the rebuilt program's {w['weight_tensors']} weight tensors found in "
                 f"{art['path']} and run with its bytes ({w['differ_from_rebuild']} differ from the rebuild's)")
         log(f"diagnose: whole outputs, cosine to the float model: the shipped {art['path']} "
             f"{whole['artifact_vs_float']}, the rebuilt program {whole['rebuilt_vs_float']} (to each other "

@@ -1,4 +1,4 @@
-"""edgec diagnose: a bad quantization planted in one layer is the first layer named, for ONNX and LiteRT."""
+"""edgec diagnose: a bad quantization planted in one layer is the first layer named, for ONNX, LiteRT and ExecuTorch."""
 
 from __future__ import annotations
 
@@ -80,10 +80,11 @@ def diagnose(folder: Path) -> dict:
     return json.loads(result.stdout)
 
 
-def check_planted_named_first(build: Path, target: str, tmp_path: Path, weights_of) -> None:
+def check_planted_named_first(build: Path, target: str, tmp_path: Path, weights_of, planted: str = PLANTED,
+                              cls: str = "Linear") -> tuple[dict, dict]:
     clean = diagnose(build / target)
     cos = {r["layer"]: r["cosine"] for r in clean["layers"]}
-    assert cos[PLANTED] > 0.99 and len(clean["layers"]) > 40  # int8 as compiled: the layer agrees
+    assert cos[planted] > 0.99 and len(clean["layers"]) > 40  # int8 as compiled: the layer agrees
     work = tmp_path / "build"
     work.mkdir()
     shutil.copytree(build / target, work / target)
@@ -93,13 +94,14 @@ def check_planted_named_first(build: Path, target: str, tmp_path: Path, weights_
     plant(artifact, weights_of(artifact))
     report = diagnose(work / target)
     first = report["first_divergent"]
-    assert first and first[0]["layer"] == PLANTED and first[0]["cosine"] < 0.5, first
-    assert first[0]["class"] == "Linear" and PLANTED in report["fix"] and f"quantize.targets.{target}" in report["fix"]
+    assert first and first[0]["layer"] == planted and first[0]["cosine"] < 0.5, first
+    assert first[0]["class"] == cls and planted in report["fix"] and f"quantize.targets.{target}" in report["fix"]
     rows = [r["layer"] for r in report["layers"]]
-    assert all(r["cosine"] > 0.99 for r in report["layers"][:rows.index(PLANTED)])  # everything before agrees
+    assert all(r["cosine"] > 0.99 for r in report["layers"][:rows.index(planted)])  # everything before agrees
     text = runner.invoke(app, ["diagnose", str(work / target), "--config", str(tmp_path / "edgec.toml"), "--images", "4"])
     rows_shown = [line for line in text.stdout.splitlines() if line.startswith("│")]
-    assert text.exit_code == 0 and PLANTED in rows_shown[0] and "fix: keep blocks.2.mlp.0" in text.stdout
+    assert text.exit_code == 0 and planted in rows_shown[0] and f"fix: keep {planted}" in text.stdout
+    return clean, report
 
 
 @pytest.mark.slow
@@ -110,6 +112,41 @@ def test_onnx_planted_layer_is_named_first(device_build, tmp_path):
 @pytest.mark.slow
 def test_litert_planted_layer_is_named_first(tflite_build, tmp_path):
     check_planted_named_first(tflite_build, "android-tflite", tmp_path, lambda p: tflite_weights(p, PLANTED))
+
+
+PTE_PLANTED = "patch.3"  # the example teacher's second stem conv, Conv2d(16, 32, 3): int8 weights 32*16*3*3 bytes
+
+
+def pte_weights(path: Path, size: int = 32 * 16 * 3 * 3) -> np.ndarray:
+    """The int8 weights of PTE_PLANTED in the .pte: the one entry of its size in the program's named data (where
+    XNNPACK keeps its constants)."""
+    from edgec.backends.executorch import _named_data
+
+    (data,) = [v for v in _named_data(path).values() if len(v) == size]
+    return np.frombuffer(data, np.int8)
+
+
+@pytest.fixture(scope="module")
+def pte_teacher_build(device_build) -> Path:
+    """The example teacher compiled for android (ExecuTorch, XNNPACK; its int8 ships)."""
+    result = runner.invoke(app, ["compile", "--target", "android", "--no-distill", "--no-progress",
+                                 "--config", str(device_build.parent / "edgec.toml")])
+    assert result.exit_code == 0, result.output
+    return device_build
+
+
+@pytest.mark.slow
+def test_executorch_planted_layer_is_named_first(pte_teacher_build, tmp_path):
+    """The per-layer run is the int8 program rebuilt with the artifact's weights, undelegated, in the ExecuTorch
+    runtime. The layer planted is a stem conv: in this program every block's first LayerNorm already diverges on
+    the class token's row (its variance quantizes to 0), so a later layer could not be the first one named."""
+    clean, report = check_planted_named_first(pte_teacher_build, "android", tmp_path, pte_weights, PTE_PLANTED, "Conv2d")
+    assert clean["weights"]["differ_from_rebuild"] == 0 and clean["weights"]["from_artifact"] >= 40
+    assert clean["whole_output"]["artifact_vs_rebuilt"] > 0.999 and clean["whole_output"]["artifact_vs_float"] > 0.99
+    assert report["weights"]["differ_from_rebuild"] == 1  # the planted bytes are what the per-layer run used
+    assert report["whole_output"]["artifact_vs_rebuilt"] > 0.999  # ... and the shipped file agrees with it
+    assert report["whole_output"]["artifact_vs_float"] < clean["whole_output"]["artifact_vs_float"]
+    assert "undelegated" in report["per_layer_run"]
 
 
 def test_diagnose_refuses_a_model_the_target_was_not_built_from(device_build, tmp_path, tiny_edgec):
