@@ -7,7 +7,7 @@ STAMP := $(VENV)/.stamp-install
 EXAMPLE := examples/shapes-clip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench bench-quantize bench-distill bench-breadth teacher clean
+.PHONY: install demo test bench bench-quantize bench-distill bench-breadth bench-real teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ bench: $(STAMP)
 BREADTH_ARGS ?=
 bench-breadth: $(STAMP)
 	$(BIN)/python -m edgec.benchmarks.breadth --benchmarks BENCHMARKS.md $(BREADTH_ARGS)
+
+# Students at real resolution (224/256 px) against an open_clip ViT-B/16 tower, every target's fp32 and int8 in
+# its runtime, 1 and 2 threads, alternated; workload in edgec/benchmarks/real.toml; writes the bench-real section
+# (hours for the whole workload on 2 cores; REAL_ARGS='--students mobilevit_xxs --sizes 256 --targets cpu').
+REAL_ARGS ?=
+bench-real: $(STAMP)
+	$(BIN)/python -m edgec.benchmarks.real --benchmarks BENCHMARKS.md $(REAL_ARGS)
 
 bench-quantize: $(STAMP)
 	$(BIN)/python $(EXAMPLE)/make_data.py

@@ -33,6 +33,14 @@ def _stats(times_ms: list[float]) -> dict:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the address space exec made; getrusage's
+    ru_maxrss survives exec and starts at the forking parent's size (a large parent inflates every child)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 

@@ -74,20 +74,23 @@ class Isa:
         """Whether onnxruntime's uint8 x int8 kernels give the exact integer result with full 8-bit weights."""
         return self.family != "x86" or self.vnni
 
-    def peak_macs_per_cycle(self, precision: str) -> tuple[int, str]:
+    def peak_macs_per_cycle(self, precision: str, *, matrix: bool = True) -> tuple[int, str]:
         """Upper bound of multiply-accumulates per cycle and core for ``fp32`` or ``int8``, from the ISA alone,
         with the assumption it rests on (two vector FMA / multiply ports, as on most server and desktop cores;
         parts with one 512-bit port reach half of the AVX-512 figures)."""
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
         for family, prec, flag, macs, basis in PEAKS:
+            if not matrix and flag is not None and flag.startswith("amx"):
+                continue  # the vector units' peak: what kernels without matrix-engine code (XNNPACK, LiteRT) can reach
             if family == self.family and prec == precision and (flag is None or flag in self.flags):
                 return macs, basis
         return 1, "unknown architecture: one MAC per cycle"
 
-    def peak_gmacs(self, precision: str, threads: int = 1, ghz: float | None = None) -> dict:
-        """Peak GMAC/s for ``threads`` cores at ``ghz`` (default: the clock the OS reports)."""
-        per_cycle, basis = self.peak_macs_per_cycle(precision)
+    def peak_gmacs(self, precision: str, threads: int = 1, ghz: float | None = None, *, matrix: bool = True) -> dict:
+        """Peak GMAC/s for ``threads`` cores at ``ghz`` (default: the clock the OS reports); ``matrix=False``:
+        of the vector units alone (no AMX)."""
+        per_cycle, basis = self.peak_macs_per_cycle(precision, matrix=matrix)
         ghz = ghz if ghz is not None else self.ghz
         return {"precision": precision, "threads": threads, "ghz": ghz, "macs_per_cycle": per_cycle, "basis": basis,
                 "gmacs": None if not ghz else round(per_cycle * ghz * threads, 1)}
