@@ -380,22 +380,27 @@ def diagnosis_taps(path: Path, x, rebuild) -> tuple[list, dict]:
             node = users[0]
         taps[node.name] = module
     rebuild.log(f"diagnose: lowering the program undelegated with {len(taps)} module outputs tapped")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep, specs = tap_intermediate_outputs_(ep, (lambda n: n.name in taps, FULL_TENSOR))
-        edge = to_edge_transform_and_lower(ep, partitioner=[])
-        strip_taps_(edge)
-        buffer = edge.to_executorch().buffer
-    runtime = Runtime.get()
-    method = runtime.load_program(buffer, verification=Verification.Minimal).load_method("forward")
-    shipped = runtime.load_program(Path(path).read_bytes(), verification=Verification.Minimal).load_method("forward")
-    rows, finals, whole = [], [], []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep, specs = tap_intermediate_outputs_(ep, (lambda n: n.name in taps, FULL_TENSOR))
+            edge = to_edge_transform_and_lower(ep, partitioner=[])
+            strip_taps_(edge)
+            buffer = edge.to_executorch().buffer
+    except Exception as exc:  # noqa: BLE001 - ExecuTorch's passes raise many types; the shipped .pte is not at fault
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"diagnose could not lower the rebuilt program without a delegate: {first}",
+                         hint="diagnose the same model compiled for cpu or android-tflite, whose artifacts show "
+                              "their intermediate tensors") from None
+    rebuilt = Runtime.get().load_program(buffer, verification=Verification.Minimal)  # alive while its method runs
+    method = rebuilt.load_method("forward")
+    rows, finals = [], []
     for i in range(len(x)):
         xi = torch.from_numpy(np.ascontiguousarray(x[i:i + 1], dtype=np.float32))
         out = method.execute([xi])
         rows.append([out[s.output_index] for s in specs])
         finals.append(out[0].float().numpy())
-        whole.append(shipped.execute([xi])[0].float().numpy())
+    whole = runner(path)(np.asarray(x, dtype=np.float32))  # the shipped program, XNNPACK and all (edgec's runner)
     result = []
     for j, s in enumerate(specs):
         values = np.concatenate([r[j].float().numpy()[None] if r[j].dim() == 0 else r[j].float().numpy() for r in rows])
@@ -404,5 +409,5 @@ def diagnosis_taps(path: Path, x, rebuild) -> tuple[list, dict]:
             values = (values - zero) * scale
         result.append((taps[s.node_name].split("."), None, values.astype(np.float32)))
     notes = {"per_layer_run": UNDELEGATED, "weights": weights,
-             "artifact_output": np.concatenate(whole), "rebuilt_output": np.concatenate(finals)}
+             "artifact_output": whole, "rebuilt_output": np.concatenate(finals)}
     return result, notes

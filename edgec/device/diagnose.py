@@ -152,11 +152,16 @@ def diagnose(folder: str | Path, cfg, *, golden: str | Path | None = None, image
         log(f"diagnose: {notes['per_layer_run']}")
         w = notes.get("weights") or {}
         if w:
-            log(f"diagnose: {w['from_artifact']} of the rebuilt program's {w['weight_tensors']} weight tensors found in "
-                f"{art['path']} and run with its bytes ({w['differ_from_rebuild']} differ from the rebuild's)")
+            log(f"diagnose: {w['from_artifact']} of the rebuilt program's {w['weight_tensors']} weight tensors matched in "
+                f"{art['path']} (by XNNPACK's content hash) and run with its bytes, {w['differ_from_rebuild']} of them "
+                "different from the rebuild's; the others run as rebuilt")
         log(f"diagnose: whole outputs, cosine to the float model: the shipped {art['path']} "
             f"{whole['artifact_vs_float']}, the rebuilt program {whole['rebuilt_vs_float']} (to each other "
             f"{whole['artifact_vs_rebuilt']})")
+        if whole["artifact_vs_rebuilt"] is not None and whole["artifact_vs_rebuilt"] < threshold:
+            log(f"diagnose: warning: the rebuilt program does not reproduce {art['path']} (cosine "
+                f"{whole['artifact_vs_rebuilt']} < {threshold:g}): the layer figures describe the rebuild; compile the "
+                "target again with this edgec.toml, or diagnose the same model compiled for cpu or android-tflite")
     paths = {p: p.split(".") if p else [] for p in ref}
     last: dict[str, np.ndarray] = {}  # module -> last artifact tensor made inside it (or in a child)
     for tokens, cls, value in taps:
