@@ -408,6 +408,8 @@ def diagnosis_taps(path: Path, x, rebuild) -> tuple[list, dict]:
             scale, zero = dequant[s.node_name]
             values = (values - zero) * scale
         result.append((taps[s.node_name].split("."), None, values.astype(np.float32)))
-    notes = {"per_layer_run": UNDELEGATED, "weights": weights,
+    what = UNDELEGATED if art.get("precision") == "int8" else UNDELEGATED.replace(
+        " (the manifest's calibration and method)", "").replace("portable and quantized kernels", "portable kernels")
+    notes = {"per_layer_run": what, "weights": weights,
              "artifact_output": whole, "rebuilt_output": np.concatenate(finals)}
     return result, notes
