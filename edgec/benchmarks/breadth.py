@@ -180,6 +180,7 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
         deleg = (manifest.get("delegation") or {}).get("shipped") or {}
         if deleg:
             cell["delegated_share"] = deleg.get("delegated_share")
+            cell["rewrites"] = deleg.get("rewrites")
         coreml = ((manifest.get("variants") or {}).get("coreml") or {})
         if coreml.get("delegation"):
             cell["coreml_share"] = coreml["delegation"].get("delegated_share")
@@ -207,7 +208,8 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
            f"`make bench-breadth` on this machine ({threads}); every cell ran here: `compile` then `verify` (exit code "
            "and the one error line when not 0). cosine: verify's cosine_mean to the eager teacher on the golden images. "
            "Edge TPU: share of ops in the TPU's one subgraph (edgec's op-list check; gate >= 0.95). XNNPACK: share of "
-           "nodes delegated in the shipped .pte. Image MACs: `edgec inspect`'s count beside one read from the "
+           "nodes delegated in the shipped .pte, with the modules edgec rewrote into ops XNNPACK takes "
+           "(`edgec/backends/rewrites.py`; cells built before attention was rewritten say 0 attention). Image MACs: `edgec inspect`'s count beside one read from the "
            "tower's exported ONNX graph (Conv, MatMul, Gemm), with, in brackets, the part in attention matmuls "
            "(activation x activation: Q K^T and A V; weights-only counts such as fvcore's leave it out).", "",
            "| model | image MACs (inspect / ONNX graph) | " + " | ".join(targets) + " |",
@@ -238,7 +240,10 @@ def markdown(rows: list[dict], targets: list[str], threads: str) -> str:
                 if "mapped_share" in c:
                     parts.append(f"TPU {c['mapped_share']:.1%}" + (f" (first off: {c['first_unmapped']})" if c.get("first_unmapped") else ""))
                 if "delegated_share" in c:
-                    parts.append(f"XNNPACK {c['delegated_share']:.1%}")
+                    rw = c.get("rewrites")
+                    parts.append(f"XNNPACK {c['delegated_share']:.1%}" + (
+                        f" (rewritten: {rw.get('layer_norm', 0)} LayerNorm, {rw.get('attention', 0)} attention)"
+                        if rw else ""))
                 if isinstance(c.get("coreml_share"), float):
                     parts.append(f"Core ML {c['coreml_share']:.1%} (unverified here)")
                 elif c.get("coreml_share"):
@@ -309,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                 except (OSError, json.JSONDecodeError, KeyError, IndexError):
                     pass
                 try:
-                    variant = (json.loads((folder / "build" / t / "manifest.json").read_text()).get("variants")
-                               or {}).get("coreml") or {}
+                    manifest = json.loads((folder / "build" / t / "manifest.json").read_text())
+                    variant = (manifest.get("variants") or {}).get("coreml") or {}
                     if variant.get("delegation"):
                         c["coreml_share"] = variant["delegation"].get("delegated_share")
+                    shipped = (manifest.get("delegation") or {}).get("shipped") or {}
+                    if shipped.get("rewrites") is not None:
+                        c["rewrites"] = shipped["rewrites"]
                 except (OSError, json.JSONDecodeError):
                     pass
         write_section(a.benchmarks, SECTION, markdown(rows, columns(rows, targets),
