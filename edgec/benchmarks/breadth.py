@@ -109,7 +109,7 @@ def write_config(folder: Path, model: Path, arch: str | None, data: Path) -> Pat
 
 
 def bench_model(label: str, family: str, arch_override: str | None, work: Path, data: Path, targets: list[str],
-                on_cell=lambda row: None, macs_only: bool = False) -> dict:
+                on_cell=lambda row: None, macs_only: bool = False, force: bool = False) -> dict:
     import torch
 
     from ..models import load_model
@@ -160,7 +160,7 @@ def bench_model(label: str, family: str, arch_override: str | None, work: Path, 
         return row
     for target in targets:
         code, stdout, error, secs = edgec("compile", "--config", str(config), "--target", target, "--no-distill",
-                                          "--no-progress", "--json", cwd=folder)
+                                          "--no-progress", "--json", *(["--force"] if force else []), cwd=folder)
         cell = {"compile_exit": code, "build_s": round(secs)}
         if code != 0:
             cell["error"] = error
@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgec-bench-breadth"))
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--fresh", action="store_true", help="remove the work folder first")
+    ap.add_argument("--force", action="store_true", help="build every cell again (compile --force: edgec's code "
+                                                         "changed, its inputs did not)")
     ap.add_argument("--macs-only", action="store_true", help="inspect and the ONNX graph's MAC count only (the "
                                                              "cells of earlier runs stay)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the section from the work folder's results "
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in models:
         family, arch = MODELS[label]
         rows.append(bench_model(label, family, arch, a.work, data, [] if a.macs_only else targets, on_cell=save,
-                                macs_only=a.macs_only))
+                                macs_only=a.macs_only, force=a.force))
         save(rows[-1])
         log(f"wrote {a.benchmarks} (section {SECTION}) and {results}")
     return 0
