@@ -3,7 +3,9 @@
 The float model (the student or teacher image tower the target was compiled from, checked
 against the manifest's source hashes) runs on a few golden inputs with a hook on every module;
 the artifact runs in its runtime with every intermediate tensor kept (the backend reads them:
-:func:`edgec.backends.diagnose.artifact_taps`). Each artifact tensor is attributed to the module
+:func:`edgec.backends.diagnose.artifact_taps`; a format whose runtime shows none, such as an
+XNNPACK-delegated .pte, gives a rebuild of its program instead, and the shipped file's whole
+output is then compared too, in the report's ``whole_output``). Each artifact tensor is attributed to the module
 it was made in; a module's artifact output is the last tensor made inside it. Modules are listed
 in the order the float model finishes them, with the cosine between the two outputs; the first
 ones below the threshold are where the artifact diverges, named as in the PyTorch model.
