@@ -185,6 +185,31 @@ class BmmHFAttention(BmmMultiheadAttention):
         return self.attend(hidden_states, hidden_states, hidden_states, attention_mask)[0], None
 
 
+class BmmAttentionPool2d(BmmMultiheadAttention):
+    """open_clip ModifiedResNet's ``AttentionPool2d`` (functional ``multi_head_attention_forward`` over the
+    mean token and the HxW tokens, output: the mean token's row) with the mean as a global average pool and
+    only the one query row it returns computed. Its functional attention left per-channel dequantize ops
+    outside XNNPACK in the int8 program, which ExecuTorch then could not lower (no out variant)."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        projections = (pool.q_proj, pool.k_proj, pool.v_proj)
+        super().__init__(heads=pool.num_heads, in_proj=tuple(p.weight.detach() for p in projections),
+                         in_bias=torch.cat([p.bias.detach() for p in projections]), out_proj=pool.c_proj,
+                         batch_first=True)
+        self.positional_embedding = pool.positional_embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, c, h, w = x.shape
+        mean = x.mean(dim=(2, 3), keepdim=True).reshape(b, 1, c)
+        tokens = torch.cat([mean, x.reshape(b, c, h * w).transpose(1, 2)], dim=1) + self.positional_embedding
+        query = mean + self.positional_embedding[:1]
+        return self.attend(query, tokens, tokens)[0].reshape(b, -1)
+
+
+def _open_clip_attention_pool(module: nn.Module) -> bool:
+    return type(module).__name__ == "AttentionPool2d" and type(module).__module__ == "open_clip.modified_resnet"
+
+
 _HF_ATTENTION = ("CLIPAttention", "SiglipAttention")
 
 
@@ -246,6 +271,9 @@ def xnnpack_friendly(model: nn.Module) -> dict[str, int]:
                 counts["attention"] += 1
             elif _plain_hf_attention(child):
                 setattr(parent, name, BmmHFAttention(child))
+                counts["attention"] += 1
+            elif _open_clip_attention_pool(child):
+                setattr(parent, name, BmmAttentionPool2d(child))
                 counts["attention"] += 1
             else:
                 visit(child)
