@@ -442,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"schema": 1, "date": time.strftime("%Y-%m-%d"), "machine": machine(threads), "threads": threads,
               "runs": runs, "teacher_every": w["timing"]["teacher_every"],
               "teacher": {k: teacher[k] for k in ("name", "size", "macs")}}
-    mine = {(s, z) for s in students for z in sizes}
-    cells = [c for c in earlier.get("cells", []) if (c["student"], c["size"]) not in mine]
+    mine = {(s, z, t) for s in students for z in sizes for t in targets}  # a re-run replaces its own cells only
+    cells = [c for c in earlier.get("cells", []) if (c["student"], c["size"], c["target"]) not in mine]
     for name in students:
         for size in sizes:
             log(f"{name} at {size} px: building {', '.join(targets)}")

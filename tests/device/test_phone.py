@@ -86,9 +86,3 @@ def test_tflite_ships_raw_tensors_with_an_adb_recipe(tflite_build, torch_free_ve
     rehash(tmp_path / "b", f"{entry['folder']}/expected_3.raw")
     result = verify(tmp_path / "b")
     assert result.exit_code == 1 and "tflite-raw-tensors check failed on 1 of 8" in result.stderr
-
-
-def test_diagnose_says_why_a_pte_is_not_diagnosed(pte_build):
-    result = runner.invoke(app, ["diagnose", str(pte_build / "android"), "--config", str(pte_build.parent / "edgec.toml")])
-    assert result.exit_code == 2 and "intermediate tensors of a .pte artifact" in result.stderr
-    assert "cpu or android-tflite" in result.stderr and result.stderr.count("\n") == 1

@@ -121,3 +121,40 @@ def test_int8_chains_keep_silu_in_int8_and_attention_in_float(tmp_path):
     ref = np.concatenate([OnnxRunner(path)(x[i:i + 1]) for i in range(8)])
     got = np.concatenate([OnnxRunner(chains.path)(x[i:i + 1]) for i in range(8)])
     assert _cosine(got, ref) > 0.99
+
+
+def test_token_linears_become_one_qgemm_each_in_int8_chains(tmp_path):
+    """A Linear on tokens exported with a dynamic batch is MatMul + Add: the chains form makes it a Gemm (one QGemm
+    with an int32 bias) instead of QLinearMatMul and a float bias Add between a DequantizeLinear/QuantizeLinear."""
+    from edgec.backends.onnx import export
+    from edgec.quantize.onnx_qdq import gemm_linears
+
+    torch.manual_seed(0)
+    path = tmp_path / "block.onnx"
+    with torch.no_grad():
+        export(_Block().eval(), (1, 3, 16, 16), path, dynamic_batch=True)
+    model = onnx.load(str(path))
+    before = [n.op_type for n in model.graph.node]
+    assert before.count("Gemm") == 0 and before.count("MatMul") >= 4  # qkv, two MLP layers, two attention matmuls
+    rewritten = onnx.load(str(path))
+    assert gemm_linears(rewritten) == 3  # qkv and the MLP's two: the attention matmuls have no weight
+    onnx.checker.check_model(rewritten)
+    onnx.save(rewritten, tmp_path / "gemm.onnx")
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(OnnxRunner(tmp_path / "gemm.onnx")(x), OnnxRunner(path)(x), atol=1e-5)
+    chains = quantize_onnx(path, tmp_path / "chains.onnx", _Calib(np.concatenate([x] * 8)), activations="asymmetric",
+                           int8_chains=True)
+    executed = _executed(chains.path, tmp_path)
+    assert executed.count("QGemm") == 3 and "QLinearMatMul" not in executed
+    model = onnx.load(str(tmp_path / "executed.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def source(name):  # through a DequantizeLinear to the op that made the tensor
+        n = producer.get(name)
+        return source(n.input[0]) if n is not None and n.op_type == "DequantizeLinear" else n
+
+    bias_adds = [n for n in model.graph.node if n.op_type == "Add"
+                 and any(getattr(source(i), "op_type", "") in ("MatMul", "QLinearMatMul", "MatMulInteger") for i in n.input)]
+    assert not bias_adds  # what Adds are left: shape arithmetic, GELU's 1 + erf, residuals
+    ref = OnnxRunner(path)(x)
+    assert _cosine(OnnxRunner(chains.path)(x), ref) > 0.99
