@@ -176,6 +176,7 @@ def time_group(cells: list[dict], student, teacher: dict, threads: int, runs: in
     from ..runtime.runners import session_options
 
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     size = cells[0]["size"]
     x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
     probe = np.random.default_rng(2).standard_normal((4, 3, size, size)).astype(np.float32)
@@ -222,6 +223,9 @@ def time_group(cells: list[dict], student, teacher: dict, threads: int, runs: in
         c.setdefault("runs", {})[str(threads)] = len(times[i])
         c.setdefault("teacher_ms", {})[str(threads)] = {k: round(float(np.median(v)), 2) for k, v in ttimes.items()}
         c.setdefault("teacher_runs", {})[str(threads)] = len(ttimes["eager"])
+        # 1-minute load average before and after the loop: other processes on the cores (a 2-thread run on a
+        # 2-core machine with load above ~1 shares its cores, and its ratios say more than its times)
+        c.setdefault("load", {})[str(threads)] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     del runners, tsess
     gc.collect()
 
@@ -388,6 +392,11 @@ def markdown(result: dict) -> str:
         row += [f"{c['rss_mb']:.0f}" if c.get("rss_mb") else "", f"{c['cosine_to_eager']:.4f}" if "cosine_to_eager" in c else ""]
         lines.append("| " + " | ".join(row) + " |")
     lines += profile_markdown(result["cells"])
+    loads = [v for c in result["cells"] for v in c.get("load", {}).values()]
+    if loads:
+        lo, hi = min(min(v) for v in loads), max(max(v) for v in loads)
+        lines += ["", f"1-minute load average around the timing loops: {lo:.1f} to {hi:.1f} on {m['cores']} cores "
+                      "(above ~1, other processes shared the cores: the 2-thread columns then measure contention)."]
     tms = [(c["teacher_ms"], c["student"], c["size"]) for c in result["cells"] if "teacher_ms" in c]
     if tms:
         lines += ["", "ViT-B/16 reference medians per loop (ms, eager / ONNX Runtime): " + "; ".join(
@@ -418,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", help="comma-separated thread counts")
     ap.add_argument("--runs", type=int)
     ap.add_argument("--rebuild", action="store_true", help="build the artifacts again (default: reuse <work>'s)")
+    ap.add_argument("--table-only", action="store_true", help="write the section from <work>/results.json, run nothing")
     ap.add_argument("--work", type=Path, default=REPO / "build" / "bench-real")
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     a = ap.parse_args(argv)
@@ -437,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..quantize.compare import write_section
     from ..runtime.isa import host_isa
 
+    if a.table_only:
+        if not earlier.get("cells"):
+            raise SystemExit(f"{results_path} has no results")
+        write_section(a.benchmarks, SECTION, markdown(earlier))
+        log(f"wrote {a.benchmarks} (section {SECTION}) from {results_path}")
+        return 0
     log(f"teacher: open_clip {w['teacher']['open_clip']} image tower at {w['teacher']['size']} px")
     teacher = build_teacher(a.work, w["teacher"]["open_clip"], w["teacher"]["size"])
     result = {"schema": 1, "date": time.strftime("%Y-%m-%d"), "machine": machine(threads), "threads": threads,
