@@ -48,7 +48,8 @@ bench: $(STAMP)
 # images, each artifact run in its runtime; replaces the quantization section of BENCHMARKS.md (make bench keeps it).
 # Real-size random-init teachers (open_clip ViT-B-16/B-32, CLIPConfig(), SiglipConfig(), open_clip RN50 and
 # convnext_tiny), built locally, through inspect, golden, compile --no-distill and verify for every target;
-# replaces the breadth section of BENCHMARKS.md (hours on 2 cores; BREADTH_ARGS='--models ... --targets ...').
+# rewrites the breadth section of BENCHMARKS.md from the rows of this and earlier runs in its work folder (a run of
+# some models/targets replaces only their cells; hours on 2 cores; BREADTH_ARGS='--models ... --targets ... --force').
 BREADTH_ARGS ?=
 bench-breadth: $(STAMP)
 	$(BIN)/python -m edgec.benchmarks.breadth --benchmarks BENCHMARKS.md $(BREADTH_ARGS)
