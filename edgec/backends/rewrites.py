@@ -251,32 +251,33 @@ def _plain_timm_attention(module: nn.Module) -> bool:
     return all(e is None or isinstance(e, nn.Identity) for e in extras) and getattr(module, "gate", None) is None
 
 
+def _plain_layer_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+# (which modules, what replaces them, the count it adds to), tried in order; the first match wins
+REWRITES = (
+    (_plain_layer_norm, LinearLayerNorm, "layer_norm"),
+    (_plain_timm_attention, BmmAttention, "attention"),
+    (_plain_multihead_attention, BmmMultiheadAttention, "attention"),
+    (_plain_open_clip_attention, BmmOpenClipAttention, "attention"),
+    (_plain_hf_attention, BmmHFAttention, "attention"),
+    (_open_clip_attention_pool, BmmAttentionPool2d, "attention"),
+)
+
+
 def xnnpack_friendly(model: nn.Module) -> dict[str, int]:
     """Rewrite ``model`` in place (eval only); returns how many modules of each kind were replaced."""
     counts = {"layer_norm": 0, "attention": 0}
 
     def visit(parent: nn.Module) -> None:
         for name, child in parent.named_children():
-            if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
-                setattr(parent, name, LinearLayerNorm(child))
-                counts["layer_norm"] += 1
-            elif _plain_timm_attention(child):
-                setattr(parent, name, BmmAttention(child))
-                counts["attention"] += 1
-            elif _plain_multihead_attention(child):
-                setattr(parent, name, BmmMultiheadAttention(child))
-                counts["attention"] += 1
-            elif _plain_open_clip_attention(child):
-                setattr(parent, name, BmmOpenClipAttention(child))
-                counts["attention"] += 1
-            elif _plain_hf_attention(child):
-                setattr(parent, name, BmmHFAttention(child))
-                counts["attention"] += 1
-            elif _open_clip_attention_pool(child):
-                setattr(parent, name, BmmAttentionPool2d(child))
-                counts["attention"] += 1
-            else:
+            rule = next(((make, kind) for matches, make, kind in REWRITES if matches(child)), None)
+            if rule is None:
                 visit(child)
+                continue
+            setattr(parent, name, rule[0](child))
+            counts[rule[1]] += 1
 
     visit(model)
     return counts
