@@ -102,12 +102,12 @@ def build_student(name: str, size: int, embed_dim: int, targets: list[str], work
     from ..data.preprocess import Preprocess
     from ..errors import EdgecError
     from ..models.base import count_macs
-    from ..models.student import StudentSpec, create_student
+    from ..models.student import StudentSpec, create_student, deploy_form
     from ..models.students import family_of, reachable
     from ..quantize import stage
 
     spec = StudentSpec(name, embed_dim, Preprocess(size=(size, size)))
-    student = create_student(spec, seed=0).eval()
+    student = deploy_form(create_student(spec, seed=0))  # as compile ships it
     macs = int(count_macs(student, torch.zeros(1, 3, size, size)))
     calib = synthetic_calibration(size, calibration_images)
     family = family_of(name)

@@ -161,7 +161,7 @@ def load_image_source(teacher_section, source: str, student: Path | None) -> Ima
     """Load the teacher and the encoder to ship: the distilled student in ``student`` (refused when it was
     distilled from another teacher), or with ``source = "teacher"`` the teacher's own image tower."""
     from ..distill.data import teacher_identity
-    from .student import load_student
+    from .student import deploy_form, load_student
 
     teacher = load_model(teacher_section.path, teacher_section.kind, arch=teacher_section.arch,
                          trust_pickle=teacher_section.trust_pickle)
@@ -174,4 +174,4 @@ def load_image_source(teacher_section, source: str, student: Path | None) -> Ima
         raise InputError(f"the student in {student} was distilled from another teacher (sha256 {teacher_sha[:12]}...)",
                          hint="distil it again from this teacher, or point [model] at the teacher it came from")
     sources["student"] = cfg["weights_sha256"]
-    return ImageSource(teacher, encoder, spec.preprocess, spec.name, sources)
+    return ImageSource(teacher, deploy_form(encoder), spec.preprocess, spec.name, sources)

@@ -115,6 +115,19 @@ def create_student(spec: StudentSpec, *, seed: int | None = None, timm_kwargs: d
     return student
 
 
+def deploy_form(student: nn.Module) -> nn.Module:
+    """The student as it ships: timm's re-parameterisable blocks (FastViT's RepMixer and MobileOne branches,
+    RepViT, EfficientViT-M's ConvNorm) fused into single convolutions, as timm does for inference. The same
+    outputs to float rounding; a new module (training keeps the multi-branch form). Families without such
+    blocks (MobileViT, MobileNetV4, ...) come back unchanged."""
+    from timm.utils.model import reparameterize_model
+
+    fused = reparameterize_model(student.eval())  # a copy
+    if hasattr(student, "timm_kwargs"):
+        fused.timm_kwargs = student.timm_kwargs
+    return fused
+
+
 def save_student(student: Student, spec: StudentSpec, folder: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 

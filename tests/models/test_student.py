@@ -61,3 +61,22 @@ def test_unregistered_student_at_a_size_it_cannot_run_names_the_sizes_that_run(m
     monkeypatch.setattr(students, "FAMILIES", {})  # efficientformerv2 as an unregistered name
     with pytest.raises(InputError, match=r"cannot run at 72x72 px; it runs at square sides 32, 64, 96, 128, 160, 192, 224, 256"):
         create_student(StudentSpec("efficientformerv2_s0", 8, Preprocess(size=(72, 72))))
+
+
+@pytest.mark.parametrize("name", ["fastvit_t8", "repvit_m0_9"])
+def test_a_reparameterisable_student_ships_fused(tmp_path, name, torch):
+    """FastViT / RepViT train with parallel branches that timm fuses for inference: compile's source is the
+    fused form (fewer parameters, fewer graph nodes, the same outputs), a MobileViT is left as it is."""
+    from edgec.models.student import deploy_form
+
+    student = create_student(StudentSpec(name, 32, Preprocess(size=(64, 64))), seed=0).eval()
+    fused = deploy_form(student)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), student(x), atol=1e-4, rtol=1e-4)
+    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in student.parameters())
+    assert sum(1 for _ in fused.modules()) < sum(1 for _ in student.modules())
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in create_student(
+        StudentSpec(name, 32, Preprocess(size=(64, 64))), seed=0).parameters())  # the training form is untouched
+    plain = create_student(StudentSpec("mobilevit_xxs", 32, Preprocess(size=(64, 64))), seed=0).eval()
+    assert sum(p.numel() for p in deploy_form(plain).parameters()) == sum(p.numel() for p in plain.parameters())
