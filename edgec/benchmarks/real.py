@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +267,8 @@ def _executorch_profile(path: str, x: np.ndarray, runs: int) -> dict[str, float]
     dump = str(Path(path).with_suffix(".etdump"))
     module.write_etdump_result_to_file(dump)
     by: dict[str, float] = {}
-    with _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         inspector = Inspector(etdump_path=dump)
     skip = {"Method::execute", "DELEGATE_CALL", "Program::load_method", "Method::init", "OPERATOR_CALL"}
     for block in inspector.event_blocks:
@@ -276,18 +278,6 @@ def _executorch_profile(path: str, x: np.ndarray, runs: int) -> dict[str, float]
             op = e.name.split(" #")[0]
             by[op] = by.get(op, 0.0) + float(np.median(e.perf_data.raw))
     return by
-
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
 
 
 PROFILERS = {"onnxruntime": _ort_profile, "executorch": _executorch_profile}

@@ -194,8 +194,10 @@ class ExecuTorchRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
 
-        if self.requested and set_executorch_threads(self.requested) != self.threads or self.epoch != _POOL["epoch"]:
-            self.method = self.program = None  # another runner replaced the pool: bind the new one
+        if self.requested:
+            set_executorch_threads(self.requested)  # another runner may have resized the pool since
+        if self.epoch != _POOL["epoch"]:  # the pool this program was bound to is gone: bind the current one
+            self.method = self.program = None
             self._load()
         step = self.batch or len(x)
         outs = [self.method.execute([torch.from_numpy(np.ascontiguousarray(x[i : i + step]))])[0].numpy()
