@@ -165,6 +165,19 @@ def program(encoder, shape: tuple[int, ...], spec, calib, method: str, percentil
                       runtime=spec.runtime)
 
 
+def _fast_transposes(fp32: Path, log) -> None:
+    """MobileViT's unfold/fold as transposes onnxruntime runs fast (onnx_qdq.patch_transposes: same outputs, the
+    fp32 candidate about 7 % faster at 256 px); the int8 program is quantized from this same graph."""
+    import onnx
+
+    from ..quantize.onnx_qdq import patch_transposes
+
+    model = onnx.load(str(fp32))
+    if patch_transposes(model):
+        onnx.save(model, str(fp32))
+        log("unfold/fold rewritten as fast transposes")
+
+
 def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
     """fp32 ONNX always (every other precision is made from it); fp16 and int8 Q/DQ when the target lists them."""
     import torch
@@ -175,6 +188,8 @@ def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, option
         io = export(encoder.eval(), shape, fp32, dynamic_batch=not spec.constraints.static_shapes,
                     normalize=spec.normalize_output)
     log(f"exported fp32 ONNX ({fp32.stat().st_size / 1e6:.2f} MB)")
+    if spec.runtime == BACKEND.runtimes[0]:
+        _fast_transposes(fp32, log)
     built = Built(candidates={}, format="onnx", io=io)
     if "int8" in spec.precisions:
         built.int8_form = int8_form(spec, options.get("target_isa"))

@@ -36,7 +36,10 @@ def chain_plan(model) -> tuple[tuple[str, ...], list[str]]:
     QLinearMul instead of a float island with a Q/DQ pair on each side) and residual adds of two activations.
     Kept float: matmuls of two activations (attention scores and values: their int8 form turns the softmax
     between them into QLinearSoftmax, several times slower than the float one), softmax and LayerNorm, any Mul or
-    Sigmoid outside the SiLU pattern (GELU's pieces) and any Add with a constant input (biases)."""
+    Sigmoid outside the SiLU pattern (GELU's pieces) and any Add with a constant input (biases); and a stem
+    Conv (a dense one on at most 4 input channels: the pixels): an int8 im2col of 27-long rows is slower than
+    onnxruntime's float kernel and needs the pixels quantized and transposed to NHWC first (xxs@256: QLinearConv
+    0.47 ms + QuantizeLinear 0.08 + Transpose 0.05 against a float Conv of 0.21 ms)."""
     inits = {i.name for i in model.graph.initializer}
     consts = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     consumers: dict[str, list] = {}
@@ -51,8 +54,17 @@ def chain_plan(model) -> tuple[tuple[str, ...], list[str]]:
         for m in consumers.get(y, []):
             if m.op_type == "Mul" and set(m.input) == {x, y}:
                 silu.update((n.name, m.name))
-    exclude = []
+    weights = {i.name: i for i in model.graph.initializer}
+    stem: set[str] = set()
     for n in model.graph.node:
+        w = weights.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if w is not None and len(w.dims) == 4 and w.dims[1] <= 4 and group == 1:  # not a depthwise conv
+            stem.add(n.name)
+    exclude = sorted(stem)
+    for n in model.graph.node:
+        if n.name in stem:
+            continue
         if n.op_type == "MatMul" and not any(i in consts for i in n.input):
             exclude.append(n.name)
         elif n.op_type in ("Sigmoid", "Mul") and n.name not in silu:
@@ -131,6 +143,164 @@ def gemm_linears(model) -> int:
     return len(replace)
 
 
+def _concrete_shapes(model, names: list[str]) -> dict[str, list[int]]:
+    """The shapes of tensors ``names`` in one run of ``model`` on zeros, dynamic dimensions set to 1."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in dict.fromkeys(names) if n not in have)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.type not in dtypes:
+            return {}
+        feeds[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtypes[i.type])
+    names = list(dict.fromkeys(names))
+    return {n: list(v.shape) for n, v in zip(names, sess.run(names, feeds))}
+
+
+def _prune_dead(graph) -> None:
+    """Drop nodes none of whose outputs is read (the shape arithmetic of replaced Reshapes)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        kept = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def patch_transposes(model) -> int:
+    """Rewrite MobileViT's unfold and fold (feature map <-> patch tokens) into transposes onnxruntime runs fast, in
+    place; the outputs are bit-identical. Returns how many were rewritten.
+
+    timm writes the unfold ``[B, C, H, W] -> [B*P, N, C]`` as Reshape, Transpose(0,2,1,3), Reshape,
+    Transpose(0,3,2,1), Reshape; both transposes move runs of 2 elements (the patch width), and onnxruntime's
+    generic transpose costs about 3 ns per element there (xxs@256: 0.2 ms per transpose at 32x32x64, u8 or float).
+    Here the unfold is NCHW -> NHWC (a single-axis move onnxruntime does with its fast kernel, and in an int8 model
+    the NHWC QLinearConv before it already produced NHWC: the two cancel), then a 6-D transpose that moves whole
+    channel vectors ``[B, nh, ph, nw, pw, C] -> [B, ph, pw, nh, nw, C]``; the fold is the reverse. The Reshape
+    between the two transposes takes its batch from a Shape at run time: onnxruntime's transpose optimiser pushes a
+    Transpose through a Reshape with a constant shape and would merge the two fast transposes back into one slow
+    one."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def perm(n):
+        return next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+
+    def only(tensor, op):
+        users = consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op and tensor not in outputs else None
+
+    chains = []
+    for n in g.node:
+        if n.op_type != "Reshape":
+            continue
+        t1 = only(n.output[0], "Transpose")
+        r2 = t1 and only(t1.output[0], "Reshape")
+        t2 = r2 and only(r2.output[0], "Transpose")
+        r3 = t2 and only(t2.output[0], "Reshape")
+        if r3 and perm(t1) == [0, 2, 1, 3] and perm(t2) == [0, 3, 2, 1]:
+            chains.append(("unfold", (n, t1, r2, t2, r3)))
+        elif r3 and perm(t1) == [0, 3, 2, 1] and perm(t2) == [0, 2, 1, 3]:
+            chains.append(("fold", (n, t1, r2, t2, r3)))
+    if not chains:
+        return 0
+    shapes = _concrete_shapes(model, [t for _, ch in chains for t in (ch[0].input[0], *(x.output[0] for x in ch))])
+    if not shapes:
+        return 0
+    replace, drop = {}, set()
+    for kind, (r1, t1, r2, t2, r3) in chains:
+        x = r1.input[0]
+        sx, s1, s2, s3 = (shapes[t] for t in (x, r1.output[0], r2.output[0], r3.output[0]))
+        if kind == "unfold":  # [1, C, H, W] -> [C*nh, ph, nw, pw] -> [1, C, N, P] -> [P, N, C] at batch 1
+            if len(sx) != 4 or sx[0] != 1 or len(s1) != 4:
+                continue
+            _, c, h, w = sx
+            rows, ph, nw, pw = s1
+            if not ph or not pw or h % ph or rows * ph != c * h or nw * pw != w:
+                continue
+            nh = h // ph
+            if s2 != [1, c, nh * nw, ph * pw] or s3 != [ph * pw, nh * nw, c]:
+                continue
+        else:  # [P, N, C] -> [1, P, N, C] -> [1, C, N, P] -> [C*nh, nw, ph, pw] -> [1, C, H, W]
+            if len(sx) != 3 or len(s3) != 4 or len(s2) != 4:
+                continue
+            p_, n_, c = sx
+            rows, nw, ph, pw = s2
+            _, _, h, w = s3
+            if not ph or ph * pw != p_ or h % ph or s1 != [1, p_, n_, c] or s3[:2] != [1, c] or nw * pw != w:
+                continue
+            nh = h // ph
+            if rows != c * nh or nh * nw != n_:
+                continue
+        p = f"{r1.name}/edgec_{kind}"
+        inits, nodes = [], []
+
+        def const(name, value, _p=p, _inits=inits):
+            _inits.append(numpy_helper.from_array(np.array(value, np.int64), f"{_p}/{name}"))
+            return f"{_p}/{name}"
+
+        def batch_and(src, tail, name, _p=p, _nodes=nodes):
+            _nodes.extend([
+                helper.make_node("Shape", [src], [f"{_p}/{name}/shape"], name=f"{_p}/{name}/shape"),
+                helper.make_node("Slice", [f"{_p}/{name}/shape", const(f"{name}/0", [0]), const(f"{name}/1", [1])],
+                                 [f"{_p}/{name}/batch"], name=f"{_p}/{name}/batch"),
+                helper.make_node("Concat", [f"{_p}/{name}/batch", const(f"{name}/tail", tail)], [f"{_p}/{name}"],
+                                 name=f"{_p}/{name}", axis=0)])
+            return f"{_p}/{name}"
+
+        if kind == "unfold":
+            nodes.append(helper.make_node("Transpose", [x], [f"{p}/nhwc"], name=f"{p}/nhwc", perm=[0, 2, 3, 1]))
+            six = batch_and(f"{p}/nhwc", [nh, ph, nw, pw, c], "six_shape")
+            nodes += [helper.make_node("Reshape", [f"{p}/nhwc", six], [f"{p}/six"], name=f"{p}/six"),
+                      helper.make_node("Transpose", [f"{p}/six"], [f"{p}/patches"], name=f"{p}/patches",
+                                       perm=[0, 2, 4, 1, 3, 5]),
+                      helper.make_node("Reshape", [f"{p}/patches", const("tokens_shape", [-1, nh * nw, c])],
+                                       [r3.output[0]], name=f"{p}/tokens")]
+        else:
+            nodes += [helper.make_node("Reshape", [x, const("six_shape", [-1, ph, pw, nh, nw, c])], [f"{p}/six"],
+                                       name=f"{p}/six"),
+                      helper.make_node("Transpose", [f"{p}/six"], [f"{p}/rows"], name=f"{p}/rows",
+                                       perm=[0, 3, 1, 4, 2, 5])]
+            nhwc = batch_and(f"{p}/rows", [h, w, c], "nhwc_shape")
+            nodes += [helper.make_node("Reshape", [f"{p}/rows", nhwc], [f"{p}/nhwc"], name=f"{p}/nhwc"),
+                      helper.make_node("Transpose", [f"{p}/nhwc"], [r3.output[0]], name=f"{p}/nchw", perm=[0, 3, 1, 2])]
+        g.initializer.extend(inits)
+        replace[r1.name] = nodes
+        drop.update(m.name for m in (t1, r2, t2, r3))
+    if not replace:
+        return 0
+    gone = {o for n in g.node if n.name in drop or n.name in replace for o in n.output}
+    kept_info = [vi for vi in g.value_info if vi.name not in gone]  # the old intermediates and their shapes
+    del g.value_info[:]
+    g.value_info.extend(kept_info)
+    nodes = []
+    for n in g.node:
+        if n.name not in drop:
+            nodes.extend(replace.get(n.name, [n]))
+    del g.node[:]
+    g.node.extend(nodes)
+    _prune_dead(g)
+    return len(replace)
+
+
 @dataclass
 class QuantizedOnnx:
     path: Path
@@ -171,9 +341,12 @@ class QdqQuantizer:
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             self.model_bytes = pre.read_bytes()
-            if int8_chains:  # token Linears as one QGemm each (int32 bias) instead of QLinearMatMul + a float Add
-                model = onnx.load_from_string(self.model_bytes)
-                if gemm_linears(model):
+            if int8_chains:  # unfold/fold as fast transposes; token Linears as one QGemm each (int32 bias)
+                model = onnx.load_from_string(self.model_bytes)  # instead of QLinearMatMul + a float Add
+                patched = patch_transposes(model)
+                if patched:  # the tokens' shapes are now known but the batch: gemm_linears reshapes with constants
+                    model = onnx.shape_inference.infer_shapes(model)
+                if gemm_linears(model) + patched:
                     self.model_bytes = model.SerializeToString()
             model = onnx.load_from_string(self.model_bytes)
             augmented = onnx.load_from_string(self.model_bytes)

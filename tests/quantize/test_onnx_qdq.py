@@ -158,3 +158,77 @@ def test_token_linears_become_one_qgemm_each_in_int8_chains(tmp_path):
     assert not bias_adds  # what Adds are left: shape arithmetic, GELU's 1 + erf, residuals
     ref = OnnxRunner(path)(x)
     assert _cosine(OnnxRunner(chains.path)(x), ref) > 0.99
+
+
+@pytest.fixture(scope="module")
+def mobilevit(tmp_path_factory):
+    """timm's mobilevit_xxs (random init) at 64 px, exported as edgec exports a student (dynamic batch)."""
+    timm = pytest.importorskip("timm")
+    from edgec.backends.onnx import export
+
+    torch.manual_seed(0)
+    net = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=0).eval()
+    path = tmp_path_factory.mktemp("mobilevit") / "mobilevit.onnx"
+    with torch.no_grad():
+        export(net, (1, 3, 64, 64), path)
+    return path
+
+
+def _perms(model):
+    return [tuple(a.ints) for n in model.graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+
+
+def test_unfold_and_fold_become_transposes_of_whole_channel_vectors(mobilevit, tmp_path):
+    """timm's unfold/fold transposes move runs of 2 elements (onnxruntime's slow generic path); the rewrite is NCHW
+    <-> NHWC plus a 6-D transpose of channel vectors, with the same outputs at any batch."""
+    from edgec.quantize.onnx_qdq import patch_transposes
+
+    model = onnx.load(str(mobilevit))
+    assert _perms(model).count((0, 3, 2, 1)) == 6  # three MobileViT blocks, an unfold and a fold each
+    assert patch_transposes(model) == 6
+    onnx.checker.check_model(model)
+    perms = _perms(model)
+    assert (0, 3, 2, 1) not in perms
+    assert perms.count((0, 2, 4, 1, 3, 5)) == 3 and perms.count((0, 3, 1, 4, 2, 5)) == 3
+    assert perms.count((0, 2, 3, 1)) == 3 and perms.count((0, 3, 1, 2)) == 3
+    assert patch_transposes(model) == 0  # nothing left to rewrite
+    onnx.save(model, tmp_path / "patched.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(OnnxRunner(tmp_path / "patched.onnx")(x), OnnxRunner(mobilevit)(x), atol=1e-6)
+    # onnxruntime runs it as written: its transpose optimiser did not merge the two fast transposes back into one
+    executed = onnx.load(_executed_model(tmp_path / "patched.onnx", tmp_path))
+    assert not {(0, 3, 2, 1), (0, 3, 5, 2, 4, 1), (0, 2, 4, 5, 3, 1)} & set(_perms(executed))
+
+
+def _executed_model(path, tmp_path):
+    _executed(path, tmp_path)
+    return str(tmp_path / "executed.onnx")
+
+
+def test_int8_chains_keep_the_stem_conv_float_and_run_unfold_fold_in_uint8(mobilevit, tmp_path):
+    """The stem (3 input channels) stays a float Conv: no QuantizeLinear on the pixels and no NHWC transpose of
+    them; depthwise convs (1 input channel per group) stay int8; the unfold/fold run as fast uint8 transposes."""
+    from edgec.quantize.onnx_qdq import chain_plan
+
+    model = onnx.load(str(mobilevit))
+    _, always_float = chain_plan(model)
+    nodes = {n.name: n for n in model.graph.node}
+    float_convs = [n for n in always_float if nodes[n].op_type == "Conv"]
+    assert len(float_convs) == 1 and nodes[float_convs[0]].input[0] == "pixels"
+    x = np.random.default_rng(1).standard_normal((32, 3, 64, 64)).astype(np.float32)
+    q = quantize_onnx(mobilevit, tmp_path / "int8.onnx", _Calib(x), activations="asymmetric", int8_chains=True,
+                      reduce_range=True)
+    executed = onnx.load(_executed_model(q.path, tmp_path))
+    ops = [n.op_type for n in executed.graph.node]
+    convs = sum(1 for n in model.graph.node if n.op_type == "Conv")
+    assert ops.count("Conv") == 1 and ops.count("QLinearConv") == convs - 1
+    producers = {o: n for n in executed.graph.node for o in n.output}
+    users = [n for n in executed.graph.node if "pixels" in n.input]
+    assert [n.op_type for n in users] == ["Conv"]
+    slow = {(0, 3, 2, 1), (0, 3, 5, 2, 4, 1), (0, 2, 4, 5, 3, 1)}
+    assert not slow & set(_perms(executed))
+    six = [n for n in executed.graph.node if n.op_type == "Transpose" and len(next(a.ints for a in n.attribute)) == 6]
+    assert len(six) == 6 and all(producers[n.input[0]].op_type == "Reshape" for n in six)
+    ref = OnnxRunner(mobilevit)(x[:8])
+    got = np.concatenate([OnnxRunner(q.path)(x[i:i + 1]) for i in range(8)])
+    assert _cosine(got, ref) > 0.99
