@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int)
     ap.add_argument("--rebuild", action="store_true", help="build the artifacts again (default: reuse <work>'s)")
     ap.add_argument("--table-only", action="store_true", help="write the section from <work>/results.json, run nothing")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build the missing artifacts (all with --rebuild), time nothing, write no results")
     ap.add_argument("--work", type=Path, default=REPO / "build" / "bench-real")
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     a = ap.parse_args(argv)
@@ -455,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} at {size} px: building {', '.join(targets)}")
             st = build_student(name, size, w["students"]["embed_dim"], targets, a.work, w["build"]["calibration_images"],
                                a.rebuild)
+            if a.build_only:
+                continue
             group = [c for c in st["cells"] if "path" in c and c["runtime"] in timed]
             for th in threads:
                 log(f"{name} at {size} px: timing {len(group)} artifacts + ViT-B/16, {th} thread(s), {runs} rounds")
@@ -475,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            else -1, c["size"], c["target"], c.get("precision", "")))
             results_path.write_text(json.dumps(result, indent=1))  # after every student: a stopped run keeps its rows
             write_section(a.benchmarks, SECTION, markdown(result))
-    log(f"wrote {a.benchmarks} (section {SECTION}) and {results_path}")
+    if not a.build_only:
+        log(f"wrote {a.benchmarks} (section {SECTION}) and {results_path}")
     return 0
 
 
