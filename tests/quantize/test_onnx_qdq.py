@@ -162,12 +162,13 @@ def test_token_linears_become_one_qgemm_each_in_int8_chains(tmp_path):
 
 @pytest.fixture(scope="module")
 def mobilevit(tmp_path_factory):
-    """timm's mobilevit_xxs (random init) at 64 px, exported as edgec exports a student (dynamic batch)."""
-    timm = pytest.importorskip("timm")
+    """The mobilevit_xxs student (random init) at 64 px, built and exported as compile does (dynamic batch)."""
+    pytest.importorskip("timm")
     from edgec.backends.onnx import export
+    from edgec.data.preprocess import Preprocess
+    from edgec.models.student import StudentSpec, create_student, deploy_form
 
-    torch.manual_seed(0)
-    net = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=0).eval()
+    net = deploy_form(create_student(StudentSpec("mobilevit_xxs", 64, Preprocess(size=(64, 64))), seed=0)).eval()
     path = tmp_path_factory.mktemp("mobilevit") / "mobilevit.onnx"
     with torch.no_grad():
         export(net, (1, 3, 64, 64), path)
@@ -229,6 +230,36 @@ def test_int8_chains_keep_the_stem_conv_float_and_run_unfold_fold_in_uint8(mobil
     assert not slow & set(_perms(executed))
     six = [n for n in executed.graph.node if n.op_type == "Transpose" and len(next(a.ints for a in n.attribute)) == 6]
     assert len(six) == 6 and all(producers[n.input[0]].op_type == "Reshape" for n in six)
-    ref = OnnxRunner(mobilevit)(x[:8])
-    got = np.concatenate([OnnxRunner(q.path)(x[i:i + 1]) for i in range(8)])
+    ref = OnnxRunner(mobilevit)(x[:16])
+    got = np.concatenate([OnnxRunner(q.path)(x[i:i + 1]) for i in range(16)])
+    assert _cosine(got, ref) > 0.99
+
+
+def test_timm_attention_becomes_one_node_and_qattention_in_int8_chains(mobilevit, tmp_path):
+    """timm's written-out attention (qkv Linear, head transposes, Split/Squeeze, q*scale @ k^T, Softmax, @ v) becomes
+    one com.microsoft Attention node (same outputs to 1e-6), and in the int8 chains one QAttention: no float
+    softmax, attention matmuls or head transposes left around it, and still close to the float student."""
+    from edgec.quantize.onnx_qdq import fuse_attention
+
+    model = onnx.load(str(mobilevit))
+    softmaxes = sum(1 for n in model.graph.node if n.op_type == "Softmax")
+    assert softmaxes == 9  # mobilevit_xxs: 2 + 4 + 3 transformer layers
+    assert fuse_attention(model) == 9
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Attention") == 9 and "Softmax" not in ops and "Split" not in ops
+    assert fuse_attention(model) == 0
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "fused.onnx")
+    x = np.random.default_rng(2).standard_normal((32, 3, 64, 64)).astype(np.float32)
+    ref = OnnxRunner(mobilevit)(x[:16])
+    np.testing.assert_allclose(OnnxRunner(tmp_path / "fused.onnx")(x[:16]), ref, atol=1e-6)
+    q = quantize_onnx(mobilevit, tmp_path / "int8.onnx", _Calib(x), activations="asymmetric", int8_chains=True,
+                      reduce_range=True)
+    executed = [n.op_type for n in onnx.load(_executed_model(q.path, tmp_path)).graph.node]
+    assert executed.count("QAttention") == 9
+    assert not {"Softmax", "FusedMatMul", "MatMul", "Attention"} & set(executed)
+    assert executed.count("Transpose") <= 10  # unfold/fold and the NHWC edges, no per-head transposes
+    plain = quantize_onnx(mobilevit, tmp_path / "plain.onnx", _Calib(x), activations="symmetric")
+    assert "QAttention" not in [n.op_type for n in onnx.load(str(plain.path)).graph.node]  # TensorRT's form: no
+    got = np.concatenate([OnnxRunner(q.path)(x[i:i + 1]) for i in range(16)])
     assert _cosine(got, ref) > 0.99
