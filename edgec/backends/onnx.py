@@ -167,18 +167,17 @@ def program(encoder, shape: tuple[int, ...], spec, calib, method: str, percentil
 
 def _fast_transposes(fp32: Path, log) -> None:
     """MobileViT's unfold/fold as transposes onnxruntime runs fast (onnx_qdq.patch_transposes: same outputs, the
-    fp32 candidate about 7 % faster at 256 px) and timm's attention as onnxruntime's fused Attention node
-    (onnx_qdq.fuse_attention: ~4e-8 from the written-out form, as fast in fp32; its int8 form, QAttention, is what
-    makes the int8 program faster). The int8 program is quantized from this same graph."""
+    fp32 candidate 4-7 % faster at 256 px); the int8 program is quantized from this same graph. The fp32 candidate
+    keeps timm's written-out attention: onnxruntime's float Attention node (onnx_qdq.fuse_attention, which the int8
+    program turns into QAttention) measured 2 % faster on mobilevit_xxs@256 but 4 % slower on mobilevit_xs@256."""
     import onnx
 
-    from ..quantize.onnx_qdq import fuse_attention, patch_transposes
+    from ..quantize.onnx_qdq import patch_transposes
 
     model = onnx.load(str(fp32))
-    unfold, attention = patch_transposes(model), fuse_attention(model)
-    if unfold or attention:
+    if patch_transposes(model):
         onnx.save(model, str(fp32))
-        log(f"fp32 graph for onnxruntime: {unfold} unfold/fold as fast transposes, {attention} fused attention nodes")
+        log("unfold/fold rewritten as fast transposes")
 
 
 def build(encoder, shape: tuple[int, ...], *, spec, work: Path, quantize, options: dict | None = None, log) -> Built:
