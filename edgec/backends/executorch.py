@@ -20,24 +20,6 @@ from . import Backend, Built, Quantizer, precision_candidates
 METHODS = ("minmax", "percentile", "entropy", "histogram")
 
 
-def xnnpack_partitioner():
-    """XNNPACK's partitioner with sigmoid taken in int8 as well: ExecuTorch 1.5's ``SigmoidConfig`` lists fp32
-    only, though XNNPACK runs a qs8 sigmoid as a 256-entry table. With the quantizer's int8 SiLU
-    (:func:`edgec.quantize.pt2e.split_silu`) a MobileViT's conv -> SiLU -> conv chains then stay int8; without it
-    every SiLU was a convert to fp32, a float sigmoid and multiply and a convert back (mobilevit_xs at 256 px:
-    276 converts, 9.1 of 19.9 ms per image on one x86 core)."""
-    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import SigmoidConfig
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    class Int8SigmoidConfig(SigmoidConfig):
-        def supported_precision_types(self):
-            return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
-
-    return XnnpackPartitioner(configs=[Int8SigmoidConfig if c is SigmoidConfig else c for c in ALL_PARTITIONER_CONFIGS])
-
-
 def lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
     """Lower an exported program for ``partitioner`` (XNNPACK by default), write the ``.pte``, and say
     what was delegated and which ops stayed outside (why not delegated: no delegate kernel for them)."""
@@ -45,7 +27,9 @@ def lower(ep, path: Path, partitioner=None, delegate: str = "xnnpack") -> dict:
     from executorch.exir import to_edge_transform_and_lower
 
     if partitioner is None:
-        partitioner = xnnpack_partitioner()
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioner = XnnpackPartitioner()
     edge = to_edge_transform_and_lower(ep, partitioner=[partitioner])
     info = get_delegation_info(edge.exported_program().graph_module)
     path.write_bytes(edge.to_executorch().buffer)
@@ -214,7 +198,7 @@ def reference_int8(encoder, shape: tuple[int, ...], calib, work: Path) -> tuple[
     model = NormalizedEmbedding(copy.deepcopy(encoder)).eval()
     disable_fused_attention(model)
     prog = Pt2eProgram(model, shape, [b[0] for b in calib.batches(layout="NCHW", batch_size=1)], method="histogram",
-                       per_channel=False, int8_sigmoid=False)
+                       per_channel=False, int8_silu=False)
     out = work / "reference.int8.pte"
     prog.lower(out)
     return out, "XNNPACKQuantizer, get_symmetric_quantization_config() defaults (per-tensor, histogram)"

@@ -137,15 +137,15 @@ def _base_quantizer():
     return Quantizer
 
 
-# an int8 sigmoid's output range is fixed, [0, 1) in 256 steps: TFLite's LOGISTIC requires it, XNNPACK's table takes it
+# an int8 sigmoid's output range is fixed, [0, 1) in 256 steps (TFLite's int8 LOGISTIC requires it)
 SIGMOID_QPARAMS = {"scale": 1.0 / 256, "zero_point": -128, "quant_min": -128, "quant_max": 127}
 SILU_OPS = ("aten.silu.default", "aten.silu_.default")
 
 
 def split_silu(gm: torch.fx.GraphModule) -> int:
     """Write every SiLU in the graph as ``x * sigmoid(x)`` (returns how many): the quantizers annotate that mul,
-    and :func:`annotate_sigmoid` the sigmoid, so a conv -> SiLU -> conv chain stays int8 (a table-lookup sigmoid
-    and an int8 multiply) instead of leaving a float SiLU with a convert on each side."""
+    and :func:`annotate_sigmoid` the sigmoid, so a conv -> SiLU -> conv chain stays int8 (a table-lookup
+    sigmoid and an int8 multiply) instead of leaving a float SiLU with a convert on each side."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or str(node.target) not in SILU_OPS:
@@ -164,12 +164,14 @@ def split_silu(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-def annotate_sigmoid(gm: torch.fx.GraphModule, input_qspec) -> None:
-    """Annotate every float sigmoid not yet annotated: int8 input (shared with its producer's output), int8 output
-    with :data:`SIGMOID_QPARAMS`."""
+def annotate_sigmoid(gm: torch.fx.GraphModule, act_qspec) -> int:
+    """Annotate every float sigmoid not annotated yet: int8 input (shared with its producer's output), int8 output
+    with :data:`SIGMOID_QPARAMS`. Returns how many. (Other table activations, hardswish or GELU, sit between two
+    annotated layers already: both runtimes fold their quantize/dequantize pair into an int8 lookup table.)"""
     from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec, QuantizationAnnotation
 
     output = FixedQParamsQuantizationSpec(dtype=torch.int8, **SIGMOID_QPARAMS)
+    count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != torch.ops.aten.sigmoid.default or \
                 "quantization_annotation" in node.meta:
@@ -178,8 +180,10 @@ def annotate_sigmoid(gm: torch.fx.GraphModule, input_qspec) -> None:
         val = x.meta.get("val") if hasattr(x, "meta") else None
         if not isinstance(val, torch.Tensor) or not val.is_floating_point():
             continue
-        node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={x: input_qspec},
+        node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={x: act_qspec},
                                                                       output_qspec=output, _annotated=True)
+        count += 1
+    return count
 
 
 class LayerSelectiveQuantizer(_base_quantizer()):
@@ -188,27 +192,27 @@ class LayerSelectiveQuantizer(_base_quantizer()):
     (then the activation arrives with that int8 rounding; weights and the layer's compute are float), and
     with ``only`` every
     annotation is dropped except the inputs of those layers (just that layer computes in int8). With
-    ``int8_sigmoid`` (the activation spec for a sigmoid's input) SiLUs are split and sigmoids annotated
-    (:func:`split_silu`), for runtimes with an int8 sigmoid.
+    ``int8_silu`` (the activation spec) SiLUs are split and sigmoids annotated (:func:`split_silu`), for
+    runtimes with an int8 sigmoid (XNNPACK, LiteRT).
 
     Module-name configs cannot do this: XNNPACK annotates fused partitions (conv + bn + relu) only when
     every node lies in the named module, and timm puts the norm and activation in sibling modules."""
 
     def __init__(self, inner, *, keep_float: frozenset[str] = frozenset(), only: frozenset[str] | None = None,
-                 int8_sigmoid=None) -> None:
+                 int8_silu=None) -> None:
         super().__init__()
-        self.inner, self.keep_float, self.only, self.int8_sigmoid = inner, keep_float, only, int8_sigmoid
+        self.inner, self.keep_float, self.only, self.int8_silu = inner, keep_float, only, int8_silu
 
     def transform_for_annotation(self, model):
         model = self.inner.transform_for_annotation(model) or model
-        if self.int8_sigmoid is not None:
+        if self.int8_silu is not None:
             split_silu(model)
         return model
 
     def annotate(self, model):
         model = self.inner.annotate(model) or model
-        if self.int8_sigmoid is not None:
-            annotate_sigmoid(model, self.int8_sigmoid)
+        if self.int8_silu is not None:
+            annotate_sigmoid(model, self.int8_silu)
         key = "quantization_annotation"
         for node in list(model.graph.nodes):
             ann = node.meta.get(key)
@@ -247,10 +251,11 @@ class Pt2eProgram:
     def __init__(self, model: torch.nn.Module, shape: tuple[int, ...], calibration: list[np.ndarray], *,
                  method: str = "histogram", percentile: float = 99.999, per_channel: bool = True,
                  quantizer=None, base_config=None, layout: str = "NCHW", calibration_sha256: str | None = None,
-                 int8_sigmoid: bool = True) -> None:
+                 int8_silu: bool = True) -> None:
         if quantizer is None:
             require_module("executorch", install="executorch", purpose="ExecuTorch int8")
-        self.model, self.method, self.layout, self.int8_sigmoid = model.eval(), method, layout, int8_sigmoid
+        self.model, self.method, self.layout = model.eval(), method, layout
+        self.int8_silu = int8_silu
         self.example = (torch.zeros(*shape),)
         self.config = quantization_config(method, percentile, per_channel=per_channel, base=base_config)
         self._make_inner = quantizer
@@ -280,7 +285,8 @@ class Pt2eProgram:
     def quantizer(self, keep_float=frozenset(), only=None):
         return LayerSelectiveQuantizer(self.inner(), keep_float=frozenset(keep_float),
                                        only=None if only is None else frozenset(only),
-                                       int8_sigmoid=self.config.input_activation if self.int8_sigmoid else None)
+                                       int8_silu=self.config.input_activation if self.int8_silu
+                                       else None)
 
     def convert(self, keep_float=frozenset(), only=None, batches: list[torch.Tensor] | None = None):
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

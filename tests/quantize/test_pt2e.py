@@ -1,5 +1,6 @@
-"""PT2E int8: SiLU split into an int8 sigmoid and multiply, run in the ExecuTorch runtime (XNNPACK's own
-per-operator events say what ran in which precision)."""
+"""PT2E int8: SiLU split into an int8 sigmoid and multiply (the other table activations, hardswish and GELU,
+are int8 without help), run in the ExecuTorch runtime (XNNPACK's own per-operator events say what ran in which
+precision) and in LiteRT (the .tflite's own op list says which ops are float)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ from edgec.quantize.pt2e import Pt2eProgram, split_silu
 SIZE = 32
 
 
-class ConvSiLU(nn.Module):
-    """A MobileNetV2-style block (expand, depthwise, project) with SiLU as a module and as a function."""
+ACTIVATIONS = {"silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}
 
-    def __init__(self) -> None:
+
+class ConvSiLU(nn.Module):
+    """A MobileNetV2-style block (expand, depthwise, project) with an activation after each of the first three
+    convs: SiLU as a module and as a function, or another activation module."""
+
+    def __init__(self, act: str = "silu") -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.act = act
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), ACTIVATIONS[act]())
+        self.act1, self.act2 = ACTIVATIONS[act](), ACTIVATIONS[act]()
         self.expand = nn.Conv2d(16, 64, 1)
         self.dw = nn.Conv2d(64, 64, 3, 1, 1, groups=64)
         self.project = nn.Conv2d(64, 32, 1)
@@ -30,13 +37,16 @@ class ConvSiLU(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        x = self.project(F.silu(self.dw(F.silu(self.expand(x)))))
+        if self.act == "silu":
+            x = self.project(F.silu(self.dw(F.silu(self.expand(x)))))
+        else:
+            x = self.project(self.act2(self.dw(self.act1(self.expand(x)))))
         return self.head(self.pool(x).flatten(1))
 
 
-def _model() -> nn.Module:
+def _model(act: str = "silu") -> nn.Module:
     torch.manual_seed(0)
-    m = ConvSiLU().eval()
+    m = ConvSiLU(act).eval()
     with torch.no_grad():
         m.stem[1].running_mean.normal_(0, 0.5)
         m.stem[1].bias.normal_(0, 0.5)
@@ -83,29 +93,62 @@ def _xnnpack_events(path) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.slow
-def test_int8_silu_stays_in_int8_in_xnnpack(tmp_path):
-    pytest.importorskip("executorch")
-    from edgec.backends.executorch import runner
-
-    model = _model()
-    calib = _images(16, 2)
-    paths, events = {}, {}
-    for int8_sigmoid in (True, False):
-        path = tmp_path / f"int8_sigmoid_{int8_sigmoid}.pte"
-        report = Pt2eProgram(model, (1, 3, SIZE, SIZE), calib, method="minmax", int8_sigmoid=int8_sigmoid).lower(path)
-        assert report["delegated_subgraphs"] == 1, report
-        paths[int8_sigmoid], events[int8_sigmoid] = path, _xnnpack_events(path)
-    converts = {k: sum(n for name, n in ev.items() if name.startswith("Convert")) for k, ev in events.items()}
-    # int8 SiLU: the input's quantize and the output's dequantize only; float SiLU: a convert each side of each
-    assert converts[True] == 2, events[True]
-    assert converts[False] == 2 + 2 * 3, events[False]
-    assert events[False].get("Sigmoid (NC)") == 3 and "Sigmoid (NC)" not in events[True], events
+def _cosines(run, model, layout: str = "NCHW") -> np.ndarray:
     x = np.stack(_images(4, 3))
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    for int8_sigmoid, path in paths.items():
-        run = runner(path, threads=1)
-        out = np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
-        cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
-        assert cos.min() > 0.99, (int8_sigmoid, cos)
+    xs = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+    out = np.concatenate([run(np.ascontiguousarray(xs[i:i + 1])) for i in range(len(x))])
+    return (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_activations_run_in_int8_in_xnnpack(tmp_path, act):
+    pytest.importorskip("executorch")
+    from edgec.backends.executorch import runner
+
+    model = _model(act)
+    calib = _images(16, 2)
+    events, cos = {}, {}
+    for int8 in (True, False):
+        path = tmp_path / f"int8_{int8}.pte"
+        report = Pt2eProgram(model, (1, 3, SIZE, SIZE), calib, method="minmax", int8_silu=int8).lower(path)
+        assert report["delegated_subgraphs"] == 1, report
+        events[int8], cos[int8] = _xnnpack_events(path), _cosines(runner(path, threads=1), model)
+    converts = {k: sum(n for name, n in ev.items() if name.startswith("Convert")) for k, ev in events.items()}
+    # the input's quantize and the output's dequantize only: each activation runs as an int8 table; a SiLU left
+    # whole is a float sigmoid and multiply with a convert on each side (hardswish and GELU fold without help)
+    assert converts[True] == 2, events[True]
+    assert converts[False] == (2 + 2 * 3 if act == "silu" else 2), events[False]
+    assert cos[True].min() > 0.99 and cos[True].mean() > cos[False].mean() - 0.005, cos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_activations_run_in_int8_in_litert(tmp_path, act):
+    litert_torch = pytest.importorskip("litert_torch")
+    from litert_torch.quantize import pt2e_quantizer
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from edgec.backends.litert import op_report
+    from edgec.runtime.runners import LiteRTRunner
+
+    model = _model(act)
+    floats, cos = {}, {}
+    for int8 in (True, False):
+        prog = Pt2eProgram(model, (1, 3, SIZE, SIZE), _images(16, 2), method="minmax", int8_silu=int8,
+                           quantizer=lambda config: pt2e_quantizer.PT2EQuantizer().set_global(config),
+                           base_config=pt2e_quantizer.get_symmetric_quantization_config)
+        path = tmp_path / f"int8_{int8}.tflite"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            litert_torch.convert(prog.convert(), prog.example,
+                                 quant_config=QuantConfig(pt2e_quantizer=prog.inner())).export(str(path))
+        floats[int8], cos[int8] = op_report(path)["float_ops"], _cosines(LiteRTRunner(path, threads=1), model)
+    assert floats[True] == [], floats[True]
+    if act == "silu":
+        assert floats[False].count("LOGISTIC") == 3 and floats[False].count("MUL") == 3, floats[False]
+    else:
+        assert floats[False] == [], floats[False]
+    assert cos[True].min() > 0.99 and cos[True].mean() > cos[False].mean() - 0.005, cos
