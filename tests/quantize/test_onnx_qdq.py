@@ -208,7 +208,9 @@ def _executed_model(path, tmp_path):
 
 def test_int8_chains_keep_the_stem_conv_float_and_run_unfold_fold_in_uint8(mobilevit, tmp_path):
     """The stem (3 input channels) stays a float Conv: no QuantizeLinear on the pixels and no NHWC transpose of
-    them; depthwise convs (1 input channel per group) stay int8; the unfold/fold run as fast uint8 transposes."""
+    them, and its bias stays a float constant (the exporter shares equal zero biases between layers: onnxruntime's
+    NCHWc conv needs a constant one); depthwise convs (1 input channel per group) stay int8; the unfold/fold run as
+    fast uint8 transposes."""
     from edgec.quantize.onnx_qdq import chain_plan
 
     model = onnx.load(str(mobilevit))
@@ -219,6 +221,11 @@ def test_int8_chains_keep_the_stem_conv_float_and_run_unfold_fold_in_uint8(mobil
     x = np.random.default_rng(1).standard_normal((32, 3, 64, 64)).astype(np.float32)
     q = quantize_onnx(mobilevit, tmp_path / "int8.onnx", _Calib(x), activations="asymmetric", int8_chains=True,
                       reduce_range=True)
+    written = onnx.load(str(q.path))  # the float nodes read float constants, not a bias shared with an int8 layer
+    made_by = {o: n.op_type for n in written.graph.node for o in n.output}
+    float_readers = [n for n in written.graph.node
+                     if n.op_type == "LayerNormalization" or (n.op_type == "Conv" and n.input[0] == "pixels")]
+    assert float_readers and all(made_by.get(i) != "DequantizeLinear" for n in float_readers for i in n.input[1:])
     executed = onnx.load(_executed_model(q.path, tmp_path))
     ops = [n.op_type for n in executed.graph.node]
     convs = sum(1 for n in model.graph.node if n.op_type == "Conv")
