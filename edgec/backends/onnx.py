@@ -93,8 +93,9 @@ class QdqProgram:
 
         from ..quantize.onnx_qdq import QdqQuantizer
 
-        # the asymmetric form is onnxruntime's: int8 chains through SiLU, residual adds and data movement, attention
-        # and normalisation in float (onnx_qdq.chain_plan); TensorRT's symmetric form fuses by itself: weighted ops only
+        # the asymmetric form is onnxruntime's: int8 chains through SiLU, residual adds and data movement, timm's
+        # attention as one QAttention, normalisation and the stem conv in float (onnx_qdq.chain_plan,
+        # fuse_attention); TensorRT's symmetric form fuses by itself: weighted ops only
         self.qdq = QdqQuantizer(fp32, calib, method=method, percentile=percentile, trt_version=trt_version,
                                 activations=activations, reduce_range=reduce_range,
                                 int8_chains=activations == "asymmetric")
@@ -103,7 +104,8 @@ class QdqProgram:
         self.description = (f"ONNX Q/DQ, per-channel int8 weights, {activations} "
                             f"{'int8' if activations == 'symmetric' else 'uint8'} activations ({method} ranges)"
                             + ("; 7-bit weights" if reduce_range else "")
-                            + ("; int8 through SiLU, residual adds and data movement" if activations == "asymmetric" else ""))
+                            + ("; int8 through SiLU, residual adds and data movement, attention as QAttention"
+                               if activations == "asymmetric" else ""))
         self._tmp = tempfile.TemporaryDirectory(prefix="edgec-qdq-")
         self.runtime = runtime  # a TensorRT program is measured with Q/DQ as written, not this host's int8 kernels
 
