@@ -343,6 +343,36 @@ def derive(cells: list[dict], isa) -> None:
             c["x_teacher_ort"][th] = round(tm["onnxruntime"] / ms, 1)
             if base is not None and "ms" in base and th in base["ms"]:
                 c["x_fp32"][th] = round(base["ms"][th] / ms, 2)
+    mark_shipped(cells)
+
+
+def mark_shipped(cells: list[dict]) -> None:
+    """Which precision compile's ``fastest-passing`` rule would ship from these timings (the first thread count;
+    every candidate taken as passing: the example measures accuracy): ``ships`` is "faster" when it beat the others
+    by more than the tie margin, "tie" when it ships only because it is listed first."""
+    from .. import registry
+    from ..compile import TIE_MARGIN, _choose
+
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        if "ms" in c:
+            groups.setdefault((c["student"], c["size"], c["target"]), []).append(c)
+    for (_, _, target), group in groups.items():
+        spec = registry.get("targets", target).spec
+        if spec.select != "fastest-passing":
+            continue
+        order = list(spec.precisions)  # compile's preference order
+        group.sort(key=lambda c: order.index(c["precision"]) if c["precision"] in order else len(order))
+        th = next(iter(group[0]["ms"]))
+        if len(group) < 2 or any(th not in c["ms"] for c in group):
+            continue
+        rows = [{"precision": c["precision"], "median_ms": c["ms"][th]} for c in group]
+        chosen = _choose(rows)
+        for c in group:
+            c.pop("ships", None)
+            if c["precision"] == chosen:
+                clear = all(c["ms"][th] < o["ms"][th] * (1 - TIE_MARGIN) for o in group if o is not c)
+                c["ships"] = "faster" if clear else "tie"
 
 
 def markdown(result: dict) -> str:
@@ -358,11 +388,13 @@ def markdown(result: dict) -> str:
              f"{result['teacher_every']}th round of the same loop; ratios are read within one loop. x ViT = ViT-B/16's "
              "median / this one's (eager PyTorch fp32; ONNX Runtime fp32); x fp32 = the same target's fp32 / this one. "
              "cos = cosine to the eager student on 4 random inputs (artifact sanity, not accuracy: the example "
-             "measures that). RSS: a fresh process running only this artifact.", ""]
+             "measures that). RSS: a fresh process running only this artifact. ships: the precision compile's "
+             "fastest-passing rule picks from these timings (int8 is listed first; another precision must be more than "
+             "10 % faster to replace it).", ""]
     cols = ["student", "px", "target", "precision", "runtime", "MB", "G MACs"]
     for th in threads:
         cols += [f"ms {th}t", f"x fp32 {th}t", f"x ViT eager {th}t", f"x ViT ORT {th}t", f"GMAC/s {th}t", f"% peak {th}t"]
-    cols += ["RSS MB", "cos"]
+    cols += ["RSS MB", "cos", f"ships ({threads[0]}t)"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for c in result["cells"]:
         row = [c["student"], str(c["size"]), c["target"]]
@@ -379,7 +411,8 @@ def markdown(result: dict) -> str:
                         f"{share:.1%}" if share is not None else ""]
             else:
                 row += [""] * 6
-        row += [f"{c['rss_mb']:.0f}" if c.get("rss_mb") else "", f"{c['cosine_to_eager']:.4f}" if "cosine_to_eager" in c else ""]
+        row += [f"{c['rss_mb']:.0f}" if c.get("rss_mb") else "", f"{c['cosine_to_eager']:.4f}" if "cosine_to_eager" in c else "",
+                {"faster": "yes: > 10 % faster", "tie": "yes: listed first, a tie"}.get(c.get("ships"), "")]
         lines.append("| " + " | ".join(row) + " |")
     lines += profile_markdown(result["cells"])
     loads = [v for c in result["cells"] for v in c.get("load", {}).values()]

@@ -37,6 +37,18 @@ def test_derived_figures_are_read_from_one_loop():
     assert SPR.peak_gmacs("int8", 1)["gmacs"] == 2048.0 and SPR.peak_gmacs("int8", 1, matrix=False)["gmacs"] == 256.0
 
 
+@pytest.mark.parametrize("int8_ms, ships", [(5.0, ("faster", None)), (10.5, ("tie", None)), (11.5, (None, "faster"))])
+def test_the_shipped_precision_follows_compile_rule(int8_ms, ships):
+    """int8 is listed first: it ships when faster by more than the tie margin ("faster") or within it ("tie");
+    fp32 ships only when more than 10 % faster. The cells' order in the table plays no part."""
+    int8, fp32, refused = _cells()
+    int8["ms"] = {"1": int8_ms}
+    cells = [fp32, int8, refused]
+    derive(cells, SPR)
+    by = {c.get("precision"): c for c in cells}
+    assert (by["int8"].get("ships"), by["fp32"].get("ships")) == ships
+
+
 def test_the_table_has_every_cell_and_says_why_one_was_not_built():
     cells = _cells()
     derive(cells, SPR)
