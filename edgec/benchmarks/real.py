@@ -375,6 +375,15 @@ def mark_shipped(cells: list[dict]) -> None:
                 c["ships"] = "faster" if clear else "tie"
 
 
+def sort_cells(cells: list[dict], students: list[str]) -> list[dict]:
+    """The workload's student order (cells of an earlier run included), then size, target, precision."""
+    def key(c):
+        order = students.index(c["student"]) if c["student"] in students else len(students)
+        return order, c["student"], c["size"], c["target"], c.get("precision", "")
+
+    return sorted(cells, key=key)
+
+
 def markdown(result: dict) -> str:
     m, teacher = result["machine"], result["teacher"]
     threads = result["threads"]
@@ -475,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.table_only:
         if not earlier.get("cells"):
             raise SystemExit(f"{results_path} has no results")
+        earlier["cells"] = sort_cells(earlier["cells"], w["students"]["names"])
         write_section(a.benchmarks, SECTION, markdown(earlier))
         log(f"wrote {a.benchmarks} (section {SECTION}) from {results_path}")
         return 0
@@ -508,8 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{th}t {c['ms'][th]:.2f} ms (x fp32 {c['x_fp32'].get(th, '-')}, x ViT eager "
                         f"{c['x_teacher_eager'][th]}, {c['peak_share'][th]:.1%} of peak)" for th in c["ms"])
                         + f"  cos {c['cosine_to_eager']:.4f}")
-            result["cells"] = sorted(cells, key=lambda c: (students.index(c["student"]) if c["student"] in students
-                                                           else -1, c["size"], c["target"], c.get("precision", "")))
+            result["cells"] = sort_cells(cells, w["students"]["names"])
             results_path.write_text(json.dumps(result, indent=1))  # after every student: a stopped run keeps its rows
             write_section(a.benchmarks, SECTION, markdown(result))
     if not a.build_only:
