@@ -93,12 +93,11 @@ def _xnnpack_events(path) -> dict[str, int]:
     return counts
 
 
-def _cosines(run, model, layout: str = "NCHW") -> np.ndarray:
+def _cosines(run, model) -> np.ndarray:
     x = np.stack(_images(4, 3))
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    xs = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
-    out = np.concatenate([run(np.ascontiguousarray(xs[i:i + 1])) for i in range(len(x))])
+    out = np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
     return (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
 
 
@@ -111,17 +110,19 @@ def test_activations_run_in_int8_in_xnnpack(tmp_path, act):
     model = _model(act)
     calib = _images(16, 2)
     events, cos = {}, {}
-    for int8 in (True, False):
+    for int8 in (True, False) if act == "silu" else (True,):  # int8_silu changes nothing for the others
         path = tmp_path / f"int8_{int8}.pte"
         report = Pt2eProgram(model, (1, 3, SIZE, SIZE), calib, method="minmax", int8_silu=int8).lower(path)
         assert report["delegated_subgraphs"] == 1, report
         events[int8], cos[int8] = _xnnpack_events(path), _cosines(runner(path, threads=1), model)
     converts = {k: sum(n for name, n in ev.items() if name.startswith("Convert")) for k, ev in events.items()}
-    # the input's quantize and the output's dequantize only: each activation runs as an int8 table; a SiLU left
-    # whole is a float sigmoid and multiply with a convert on each side (hardswish and GELU fold without help)
+    # the input's quantize and the output's dequantize only: each activation runs as an int8 table (hardswish and
+    # GELU fold without help); a SiLU left whole is a float sigmoid and multiply with a convert on each side
     assert converts[True] == 2, events[True]
-    assert converts[False] == (2 + 2 * 3 if act == "silu" else 2), events[False]
-    assert cos[True].min() > 0.99 and cos[True].mean() > cos[False].mean() - 0.005, cos
+    assert cos[True].min() > 0.99, cos
+    if act == "silu":
+        assert converts[False] == 2 + 2 * 3, events[False]
+        assert cos[True].mean() > cos[False].mean() - 0.005, cos
 
 
 @pytest.mark.slow
@@ -136,7 +137,7 @@ def test_activations_run_in_int8_in_litert(tmp_path, act):
 
     model = _model(act)
     floats, cos = {}, {}
-    for int8 in (True, False):
+    for int8 in (True, False) if act == "silu" else (True,):
         prog = Pt2eProgram(model, (1, 3, SIZE, SIZE), _images(16, 2), method="minmax", int8_silu=int8,
                            quantizer=lambda config: pt2e_quantizer.PT2EQuantizer().set_global(config),
                            base_config=pt2e_quantizer.get_symmetric_quantization_config)
@@ -147,8 +148,7 @@ def test_activations_run_in_int8_in_litert(tmp_path, act):
                                  quant_config=QuantConfig(pt2e_quantizer=prog.inner())).export(str(path))
         floats[int8], cos[int8] = op_report(path)["float_ops"], _cosines(LiteRTRunner(path, threads=1), model)
     assert floats[True] == [], floats[True]
+    assert cos[True].min() > 0.99, cos
     if act == "silu":
         assert floats[False].count("LOGISTIC") == 3 and floats[False].count("MUL") == 3, floats[False]
-    else:
-        assert floats[False] == [], floats[False]
-    assert cos[True].min() > 0.99 and cos[True].mean() > cos[False].mean() - 0.005, cos
+        assert cos[True].mean() > cos[False].mean() - 0.005, cos
