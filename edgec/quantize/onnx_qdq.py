@@ -58,7 +58,7 @@ def chain_plan(model) -> tuple[tuple[str, ...], list[str]]:
     stem: set[str] = set()
     for n in model.graph.node:
         w = weights.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
-        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        group = _attr(n, "group", 1)
         if w is not None and len(w.dims) == 4 and w.dims[1] <= 4 and group == 1:  # not a depthwise conv
             stem.add(n.name)
     exclude = sorted(stem)
@@ -150,6 +150,14 @@ def gemm_linears(model) -> int:
     return len(replace)
 
 
+def _attr(node, name: str, default=None):
+    """A node attribute's value (ints as a list), or ``default``."""
+    from onnx import helper
+
+    a = next((a for a in node.attribute if a.name == name), None)
+    return default if a is None else helper.get_attribute_value(a)
+
+
 def unshare_vectors(model) -> int:
     """Give every node its own copy of a 1-D initializer that several nodes read, in place; returns how many copies.
 
@@ -234,9 +242,6 @@ def patch_transposes(model) -> int:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
 
-    def perm(n):
-        return next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
-
     def only(tensor, op):
         users = consumers.get(tensor, [])
         return users[0] if len(users) == 1 and users[0].op_type == op and tensor not in outputs else None
@@ -249,9 +254,9 @@ def patch_transposes(model) -> int:
         r2 = t1 and only(t1.output[0], "Reshape")
         t2 = r2 and only(r2.output[0], "Transpose")
         r3 = t2 and only(t2.output[0], "Reshape")
-        if r3 and perm(t1) == [0, 2, 1, 3] and perm(t2) == [0, 3, 2, 1]:
+        if r3 and _attr(t1, "perm") == [0, 2, 1, 3] and _attr(t2, "perm") == [0, 3, 2, 1]:
             chains.append(("unfold", (n, t1, r2, t2, r3)))
-        elif r3 and perm(t1) == [0, 3, 2, 1] and perm(t2) == [0, 2, 1, 3]:
+        elif r3 and _attr(t1, "perm") == [0, 3, 2, 1] and _attr(t2, "perm") == [0, 2, 1, 3]:
             chains.append(("fold", (n, t1, r2, t2, r3)))
     if not chains:
         return 0
@@ -366,10 +371,6 @@ def fuse_attention(model) -> int:
             return numpy_helper.to_array(a.t) if a is not None else None
         return None
 
-    def attr(n, name, default=None):
-        a = next((a for a in n.attribute if a.name == name), None)
-        return default if a is None else helper.get_attribute_value(a)
-
     def src(name, op):
         n = producer.get(name)
         alone = len(consumers.get(name, [])) == 1 and name not in outputs
@@ -377,14 +378,14 @@ def fuse_attention(model) -> int:
 
     found = []
     for sm in g.node:
-        if sm.op_type != "Softmax" or attr(sm, "axis", -1) not in (-1, 3):
+        if sm.op_type != "Softmax" or _attr(sm, "axis", -1) not in (-1, 3):
             continue
         users = consumers.get(sm.output[0], [])
         if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != sm.output[0]:
             continue
         mm2 = users[0]
         t_out = consumers.get(mm2.output[0], [])
-        if len(t_out) != 1 or t_out[0].op_type != "Transpose" or list(attr(t_out[0], "perm")) != [0, 2, 1, 3]:
+        if len(t_out) != 1 or t_out[0].op_type != "Transpose" or list(_attr(t_out[0], "perm")) != [0, 2, 1, 3]:
             continue
         r_out = consumers.get(t_out[0].output[0], [])
         if len(r_out) != 1 or r_out[0].op_type != "Reshape":
@@ -395,7 +396,7 @@ def fuse_attention(model) -> int:
             continue
         mul = src(mm1.input[0], "Mul")
         kt = src(mm1.input[1], "Transpose")
-        if mul is None or kt is None or list(attr(kt, "perm")) != [0, 1, 3, 2]:
+        if mul is None or kt is None or list(_attr(kt, "perm")) != [0, 1, 3, 2]:
             continue
         scale = value(mul.input[1])
         if scale is None or scale.size != 1:
@@ -404,15 +405,15 @@ def fuse_attention(model) -> int:
         if any(s is None for s in sq):
             continue
         split = producer.get(sq[0].input[0])
-        if split is None or split.op_type != "Split" or attr(split, "axis", 0) != 0 or len(split.output) != 3:
+        if split is None or split.op_type != "Split" or _attr(split, "axis", 0) != 0 or len(split.output) != 3:
             continue
         if [s.input[0] for s in sq] != list(split.output):  # q, k, v in that order, from one Split
             continue
-        axes = [value(s.input[1]) if len(s.input) > 1 else np.array(attr(s, "axes", [0])) for s in sq]
+        axes = [value(s.input[1]) if len(s.input) > 1 else np.array(_attr(s, "axes", [0])) for s in sq]
         if any(a is None or list(a.ravel()) != [0] for a in axes):
             continue
         tr = src(split.input[0], "Transpose")
-        if tr is None or list(attr(tr, "perm")) != [2, 0, 3, 1, 4]:
+        if tr is None or list(_attr(tr, "perm")) != [2, 0, 3, 1, 4]:
             continue
         r5 = src(tr.input[0], "Reshape")
         add = r5 and src(r5.input[0], "Add")
@@ -513,7 +514,7 @@ def quantize_attention(model, bounds: dict[str, tuple[float, float]], *, reduce_
             numpy_helper.from_array(wq, f"{p}/w_quantized"),
             numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/w_scale"),
             numpy_helper.from_array(np.zeros(w.shape[1], np.int8), f"{p}/w_zero_point")])
-        heads = next(a.i for a in n.attribute if a.name == "num_heads")
+        heads = _attr(n, "num_heads")
         replace[n.name] = [
             helper.make_node("QuantizeLinear", [n.input[0], f"{p}/x_scale", f"{p}/x_zero_point"], [f"{p}/x_quantized"],
                              name=f"{p}/x_quantized"),
